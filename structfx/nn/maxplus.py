@@ -1,0 +1,187 @@
+"""Sparse max-plus layer: ``y[j] = max(b[j], max_t x[idx[j, t]] + w[j, t])`` (ops.md section 1).
+
+Each output keeps k finite weights at fixed, distinct input indices. The forward gathers one (B, n_out)
+slice per t, so memory is O(B * n_out), never the paper's (B, n_out, n_in) broadcast.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from structfx.errors import StructfxError
+
+#: Weight of the inactive entries in the "relu" init: far below any activation, yet finite so that
+#: sums and gradients stay finite (ops.md).
+INACTIVE_WEIGHT = -1.0e4
+
+
+def _winner_dtype(k: int) -> torch.dtype:
+    return torch.uint8 if k < 255 else torch.int32
+
+
+def _forward_with_winner(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Max-plus forward on (B, n_in) rows; also returns which candidate won (0 = bias, t + 1 = entry t).
+
+    A strict ``>`` keeps the first of tied candidates: the bias, then the lowest t.
+    """
+    n_out, k = idx.shape
+    if b is None:
+        y = x.index_select(1, idx[:, 0]) + w[:, 0]
+        winner = torch.ones(y.shape, dtype=_winner_dtype(k), device=x.device)
+        first = 1
+    else:
+        y = b.expand(x.shape[0], n_out).clone()
+        winner = torch.zeros(y.shape, dtype=_winner_dtype(k), device=x.device)
+        first = 0
+    for t in range(first, k):
+        candidate = x.index_select(1, idx[:, t]) + w[:, t]
+        winner.masked_fill_(candidate > y, t + 1)
+        torch.maximum(y, candidate, out=y)
+    return y, winner
+
+
+@torch.library.custom_op("structfx::sparse_maxplus", mutates_args=())
+def sparse_maxplus(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``y[..., j] = max(b[j], max_t x[..., idx[j, t]] + w[j, t])``; x (..., n_in), idx/w (n_out, k)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y, _ = _forward_with_winner(rows, idx, w, b)
+    return y.reshape(*x.shape[:-1], idx.shape[0])
+
+
+@sparse_maxplus.register_fake
+def _(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], idx.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, idx, w, b = inputs
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, idx, w, b)
+
+
+def _backward(ctx, grad: Tensor):
+    """Subgradient: each output's gradient goes to its single winner (recomputed, O(B * n_out))."""
+    x, idx, w, b = ctx.saved_tensors
+    n_in = x.shape[-1]
+    rows = x.reshape(-1, n_in)
+    g = grad.reshape(-1, idx.shape[0])
+    _, winner = _forward_with_winner(rows, idx, w, b)
+    grad_x = torch.zeros_like(rows)
+    grad_w = torch.empty_like(w)
+    for t in range(idx.shape[1]):
+        g_t = torch.where(winner == t + 1, g, 0)
+        grad_x.index_add_(1, idx[:, t], g_t)
+        grad_w[:, t] = g_t.sum(0)
+    grad_b = torch.where(winner == 0, g, 0).sum(0) if ctx.has_bias else None
+    return grad_x.reshape(x.shape), None, grad_w, grad_b
+
+
+sparse_maxplus.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparse_maxplus_reference(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None, in_features: int) -> Tensor:
+    """Brute force, as the paper computes it: a dense (n_out, n_in) weight that is -inf off the support,
+    broadcast against x. O(B * n_out * n_in) memory: for tests and the memory benchmark only."""
+    dense = torch.full((idx.shape[0], in_features), float("-inf"), dtype=w.dtype, device=w.device)
+    dense = dense.scatter(1, idx, w)
+    y = (x[..., None, :] + dense).amax(-1)
+    return y if b is None else torch.maximum(y, b)
+
+
+def distinct_indices(rows: int, population: int, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """``k`` distinct indices in ``[0, population)`` per row, uniform over subsets (Floyd's algorithm,
+    vectorised over rows: O(rows * k) memory instead of a (rows, population) shuffle)."""
+    chosen = torch.empty(rows, k, dtype=torch.long)
+    for col, top in enumerate(range(population - k, population)):
+        draw = torch.randint(0, top + 1, (rows,), generator=generator)
+        taken = (chosen[:, :col] == draw[:, None]).any(1)
+        chosen[:, col] = torch.where(taken, torch.full_like(draw, top), draw)
+    return chosen
+
+
+class SparseMaxPlus(nn.Module):
+    """Sparse max-plus (morphological) layer, ``(..., in_features) -> (..., out_features)``.
+
+    ``y[j] = max(b[j], max_{t<k} x[idx[j, t]] + w[j, t])`` with ``idx`` a fixed buffer of k distinct
+    input indices per output. ``init="paper"``: w, b ~ N(0, 1) at random indices; ``init="relu"``
+    (needs in == out and a bias): exactly ``ReLU`` at construction.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        k: int = 2,
+        bias: bool = True,
+        init: Literal["paper", "relu"] = "paper",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        _check_sizes(in_features, out_features, k)
+        self.in_features, self.out_features, self.k = in_features, out_features, k
+        if init == "paper":
+            idx = distinct_indices(out_features, in_features, k, generator)
+            w = torch.randn(out_features, k, generator=generator)
+            b = torch.randn(out_features, generator=generator)
+        elif init == "relu":
+            idx, w, b = _relu_init(in_features, out_features, k, bias, generator)
+        else:
+            raise StructfxError(f"SparseMaxPlus init={init!r} is unknown; use 'paper' or 'relu'")
+        self.register_buffer("idx", idx)
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(b) if bias else None
+
+    @classmethod
+    def from_module(
+        cls, relu: nn.Module, features: int, k: int = 2, generator: torch.Generator | None = None
+    ) -> SparseMaxPlus:
+        """The function-preserving replacement of ``relu`` on ``features`` channels ("relu" init)."""
+        if not isinstance(relu, nn.ReLU):
+            raise StructfxError(f"SparseMaxPlus.from_module converts nn.ReLU, got {type(relu).__name__}")
+        return cls(features, features, k, bias=True, init="relu", generator=generator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise StructfxError(
+                f"SparseMaxPlus expects inputs (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        return torch.ops.structfx.sparse_maxplus(x, self.idx, self.weight, self.bias)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The brute-force max over a dense -inf-filled weight (tests only)."""
+        return sparse_maxplus_reference(x, self.idx, self.weight, self.bias, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def _check_sizes(in_features: int, out_features: int, k: int) -> None:
+    if in_features < 1 or out_features < 1:
+        raise StructfxError(f"SparseMaxPlus needs positive sizes, got in={in_features}, out={out_features}")
+    if not 1 <= k <= in_features:
+        raise StructfxError(
+            f"SparseMaxPlus k={k} must be between 1 and in_features={in_features}: "
+            f"each output keeps k distinct inputs"
+        )
+
+
+def _relu_init(n_in: int, n_out: int, k: int, bias: bool, generator: torch.Generator | None):
+    """Row j: entry 0 is x[j] + 0, the other k-1 are random distinct inputs at INACTIVE_WEIGHT, b = 0."""
+    if n_in != n_out or not bias:
+        raise StructfxError(
+            f"init='relu' reproduces ReLU, which needs in_features == out_features and bias=True "
+            f"(got in={n_in}, out={n_out}, bias={bias}); use init='paper' otherwise"
+        )
+    own = torch.arange(n_out)
+    others = distinct_indices(n_out, n_in - 1, k - 1, generator)
+    others = others + (others >= own[:, None]).long()  # skip index j itself
+    idx = torch.cat([own[:, None], others], dim=1)
+    w = torch.full((n_out, k), INACTIVE_WEIGHT)
+    w[:, 0] = 0.0
+    return idx, w, torch.zeros(n_out)
