@@ -22,19 +22,40 @@ from structfx.nn.spm_pairing import Pairing, default_stages, spm_width, stage_pe
 Variant = Literal["orthogonal", "general"]
 
 
-@functools.lru_cache(maxsize=64)
-def _gathers(width: int, stages: int, pairing: Pairing, seed: int) -> tuple[np.ndarray, ...]:
-    """Index tables that move h from one stage's pair order to the next, without a natural-order detour.
+class _ButterflyStage:
+    """Pairs (p, p + s) for p with bit s clear: a reshape, no gather. Pair order is ascending p."""
 
-    In stage l's pair order, positions (2i, 2i+1) hold pair i. ``into[l]`` gathers stage l's pair order
-    from stage l-1's (from natural order for l = 0); ``back[l]`` is its inverse; ``out`` returns from the
-    last stage's pair order to natural order and ``last`` is its inverse.
-    """
-    perms = stage_permutations(width, stages, pairing, seed)
-    inverse = np.argsort(perms, axis=1)
-    previous = np.concatenate([np.arange(width)[None], inverse[:-1]])
-    into = np.take_along_axis(previous, perms, axis=1)
-    return into, np.argsort(into, axis=1), inverse[-1], perms[-1]
+    def __init__(self, stride: int) -> None:
+        self.stride = stride
+
+    def split(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        u, v = h.unflatten(-1, (-1, 2, self.stride)).unbind(-2)
+        return u.flatten(-2), v.flatten(-2)
+
+    def merge(self, u: Tensor, v: Tensor) -> Tensor:
+        pairs = torch.stack([u.unflatten(-1, (-1, self.stride)), v.unflatten(-1, (-1, self.stride))], dim=-2)
+        return pairs.flatten(-3)
+
+
+class _MatchingStage:
+    """Arbitrary disjoint pairs (a "random" stage): two gathers to split, one to merge."""
+
+    def __init__(self, perm: np.ndarray) -> None:
+        self.p, self.q, self.inverse = perm[0::2], perm[1::2], np.argsort(perm.reshape(-1, 2).T.ravel())
+
+    def split(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return h[..., torch.as_tensor(self.p, device=h.device)], h[..., torch.as_tensor(self.q, device=h.device)]
+
+    def merge(self, u: Tensor, v: Tensor) -> Tensor:
+        return torch.cat([u, v], dim=-1)[..., torch.as_tensor(self.inverse, device=u.device)]
+
+
+@functools.lru_cache(maxsize=64)
+def _stages(width: int, stages: int, pairing: Pairing, seed: int) -> tuple[_ButterflyStage | _MatchingStage, ...]:
+    """Each stage's split into (p entries, q entries) and merge back, both in natural coordinate order."""
+    if pairing == "butterfly":
+        return tuple(_ButterflyStage(1 << (l % int(math.log2(width)))) for l in range(stages))
+    return tuple(_MatchingStage(perm) for perm in stage_permutations(width, stages, pairing, seed))
 
 
 def _matrices(coeffs: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -47,30 +68,24 @@ def _matrices(coeffs: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor, Ten
     raise StructfxError(f"SPM variant={variant!r} is unknown; use 'orthogonal' or 'general'")
 
 
-def _mix(h: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
-    """One stage on rows in pair order: [h_p, h_q] <- [[a, b], [c, d]] [h_p, h_q]."""
-    u, v = h.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([a * u + b * v, c * u + d * v], dim=-1).flatten(-2)
+def _mix(stage, h: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
+    """One stage: [h_p, h_q] <- [[a, b], [c, d]] [h_p, h_q] for every pair."""
+    u, v = stage.split(h)
+    return stage.merge(a * u + b * v, c * u + d * v)
 
 
 def _mixing_input(x: Tensor, d_in: Tensor) -> Tensor:
     return F.pad(x.reshape(-1, x.shape[-1]), (0, d_in.shape[0] - x.shape[-1])) * d_in
 
 
-def _run_stages(h: Tensor, coeffs: Tensor, variant: str, tables, keep_inputs: bool = False):
-    """All L stages from natural order to natural order; optionally also each stage's input (pair order)."""
-    into, _, out, _ = tables
+def _run_stages(h: Tensor, coeffs: Tensor, variant: str, stages, keep_inputs: bool = False):
+    """All L stages; optionally also each stage's input."""
     inputs = []
-    for l, (a, b, c, d) in enumerate(zip(*_matrices(coeffs, variant))):
-        h = h.index_select(-1, into[l])
+    for stage, a, b, c, d in zip(stages, *_matrices(coeffs, variant)):
         if keep_inputs:
             inputs.append(h)
-        h = _mix(h, a, b, c, d)
-    return h.index_select(-1, out), inputs
-
-
-def _tables(coeffs: Tensor, width: int, pairing: str, seed: int) -> tuple[Tensor, ...]:
-    return tuple(torch.as_tensor(t, device=coeffs.device) for t in _gathers(width, coeffs.shape[0], pairing, seed))
+        h = _mix(stage, h, a, b, c, d)
+    return h, inputs
 
 
 @torch.library.custom_op("structfx::spm", mutates_args=())
@@ -80,7 +95,7 @@ def spm(
 ) -> Tensor:
     """SPM on x (..., n_in): coeffs are angles (L, N/2) or 2x2 entries (L, 4, N/2)."""
     h0 = _mixing_input(x, d_in)
-    h, _ = _run_stages(h0, coeffs, variant, _tables(coeffs, d_in.shape[0], pairing, seed))
+    h, _ = _run_stages(h0, coeffs, variant, _stages(d_in.shape[0], coeffs.shape[0], pairing, seed))
     y = (h * d_out)[:, :out_features]
     y = y if bias is None else y + bias
     return y.reshape(*x.shape[:-1], out_features)
@@ -100,31 +115,27 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     """Closed-form backward (ops.md). Orthogonal: each stage's input is recomputed from its output by the
-    inverse rotation, so the extra memory is O(N) per row; general: stage inputs are recomputed and kept."""
+    inverse rotation R^T, so the extra memory is O(N) per row; general: stage inputs are recomputed and kept."""
     x, d_in, coeffs, d_out = ctx.saved_tensors
     variant, pairing, seed = ctx.structure
     width = d_in.shape[0]
-    _, back, _, last = tables = _tables(coeffs, width, pairing, seed)
-    h0 = _mixing_input(x, d_in)
-    h_last, inputs = _run_stages(h0, coeffs, variant, tables, keep_inputs=variant == "general")
+    stages = _stages(width, coeffs.shape[0], pairing, seed)
+    h, inputs = _run_stages(_mixing_input(x, d_in), coeffs, variant, stages, keep_inputs=variant == "general")
 
     g_y = F.pad(grad.reshape(-1, grad.shape[-1]), (0, width - grad.shape[-1]))
-    grad_d_out = (g_y * h_last).sum(0)
-    g = (g_y * d_out).index_select(-1, last)  # into the last stage's pair order
-    h = h_last.index_select(-1, last)
+    grad_d_out = (g_y * h).sum(0)
+    g = g_y * d_out
     a, b, c, d = _matrices(coeffs, variant)
     grad_coeffs = []
     for l in reversed(range(coeffs.shape[0])):
-        h = inputs[l] if variant == "general" else _mix(h, a[l], c[l], b[l], d[l])  # R^T undoes R
-        g_u, g_v = g.unflatten(-1, (-1, 2)).unbind(-1)
-        u, v = h.unflatten(-1, (-1, 2)).unbind(-1)
+        h = inputs[l] if variant == "general" else _mix(stages[l], h, a[l], c[l], b[l], d[l])
+        g_u, g_v = stages[l].split(g)
+        u, v = stages[l].split(h)
         if variant == "general":
             grad_coeffs.append(torch.stack([(g_u * u).sum(0), (g_u * v).sum(0), (g_v * u).sum(0), (g_v * v).sum(0)]))
         else:
             grad_coeffs.append((g_u * (b[l] * u - a[l] * v) + g_v * (a[l] * u + b[l] * v)).sum(0))
-        g = _mix(g, a[l], c[l], b[l], d[l]).index_select(-1, back[l])
-        if variant == "orthogonal":
-            h = h.index_select(-1, back[l])
+        g = stages[l].merge(a[l] * g_u + c[l] * g_v, b[l] * g_u + d[l] * g_v)
     grad_coeffs = torch.stack(grad_coeffs[::-1])
     n_in = x.shape[-1]
     grad_d_in = (g * F.pad(x.reshape(-1, n_in), (0, width - n_in))).sum(0)

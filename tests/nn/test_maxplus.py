@@ -1,9 +1,8 @@
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action, MemoryProfile
 
 from structfx import StructfxError
+from structfx.measure import peak_allocated_bytes
 from structfx.nn import SparseMaxPlus
 from structfx.nn.maxplus import distinct_indices
 
@@ -60,26 +59,12 @@ def test_wrong_input_width_is_a_clear_error():
         SparseMaxPlus(8, 8)(torch.randn(2, 9))
 
 
-def _peak_allocated_bytes(step) -> int:
-    """Peak of the bytes torch allocates while ``step`` runs, from the profiler's allocation timeline."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    current = peak = 0
-    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
-        if action == Action.CREATE:
-            current += size
-        elif action == Action.DESTROY:
-            current -= size
-        peak = max(peak, current)
-    return peak
-
-
 def test_forward_backward_memory_at_4096():
     """B = 256, n = 4096, k = 2: the paper's broadcast form needs 16 GiB; ours must stay under 64 MiB."""
     torch.manual_seed(0)
     layer = SparseMaxPlus(4096, 4096, k=2)
     x = torch.randn(256, 4096, requires_grad=True)
-    peak = _peak_allocated_bytes(lambda: layer(x).sum().backward())
+    peak = peak_allocated_bytes(lambda: layer(x).sum().backward())
     assert 0 < peak < 64 * 2**20, f"forward + backward allocated {peak / 2**20:.1f} MiB at peak"
 
 
@@ -87,5 +72,5 @@ def test_memory_measure_sees_the_broadcast_form():
     """The same measure on the broadcast reference, at a size it can afford: B n_out n_in floats at least."""
     layer = SparseMaxPlus(512, 512, k=2)
     x = torch.randn(32, 512, requires_grad=True)
-    peak = _peak_allocated_bytes(lambda: layer.reference(x).sum().backward())
+    peak = peak_allocated_bytes(lambda: layer.reference(x).sum().backward())
     assert peak >= 32 * 512 * 512 * 4
