@@ -2,7 +2,11 @@
 
 from structfx.errors import StructfxError
 from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
+from structfx.passes import BTT, SPM, MaxPlus, MaxPlusPool, Report, report, transform
 
 __version__ = "0.1.0"
 
-__all__ = ["BTTLinear", "MaxPlusPool2d", "SPMLinear", "SparseMaxPlus", "StructfxError", "__version__"]
+__all__ = [
+    "BTT", "SPM", "BTTLinear", "MaxPlus", "MaxPlusPool", "MaxPlusPool2d", "Report", "SPMLinear", "SparseMaxPlus",
+    "StructfxError", "__version__", "report", "transform",
+]

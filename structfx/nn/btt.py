@@ -128,8 +128,14 @@ class BTTLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, rank: int = 1) -> BTTLinear:
-        """The Frobenius-optimal BTT of ``weight``: a rank-r truncated SVD of each m0 x n1 block."""
+        """The Frobenius-optimal BTT of ``weight``: a rank-r truncated SVD of each m0 x n1 block.
+
+        A rank above min(m0, n1), the blocks' full rank, is lowered to it: the rest would only add zeros.
+        """
         out_features, in_features = weight.shape
+        m0 = btt_factors(in_features)[1]
+        n1 = btt_factors(out_features)[1]
+        rank = min(rank, m0, n1)
         layer = cls(in_features, out_features, rank, bias is not None).to(weight.dtype)
         m0, m1, n0, n1 = layer.blocks
         padded = F.pad(weight.detach(), (0, layer.padded_in - in_features, 0, layer.padded_out - out_features))

@@ -185,3 +185,20 @@ def _relu_init(n_in: int, n_out: int, k: int, bias: bool, generator: torch.Gener
     w = torch.full((n_out, k), INACTIVE_WEIGHT)
     w[:, 0] = 0.0
     return idx, w, torch.zeros(n_out)
+
+
+class ChannelMaxPlus(SparseMaxPlus):
+    """SparseMaxPlus across the channels of a feature map (N, C, *spatial), at every position alike.
+
+    What replaces a ReLU on a conv feature map: with init="relu" it is exactly that ReLU.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 3 or x.shape[1] != self.in_features:
+            raise StructfxError(
+                f"ChannelMaxPlus expects (N, {self.in_features}, *spatial) inputs, got {tuple(x.shape)}"
+            )
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+    def reference(self, x: Tensor) -> Tensor:
+        return super().reference(x.movedim(1, -1)).movedim(-1, 1)

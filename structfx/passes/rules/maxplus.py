@@ -1,0 +1,44 @@
+"""Rule MaxPlus: ReLU in every spelling -> SparseMaxPlus (ChannelMaxPlus on conv feature maps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from torch import nn
+
+from structfx.errors import StructfxError
+from structfx.nn import ChannelMaxPlus, SparseMaxPlus
+from structfx.passes.registry import SkipSite, register_rule
+from structfx.passes.rules.base import Rule, check_choice, check_positive
+from structfx.passes.sites import Site
+
+
+@dataclass(frozen=True)
+class MaxPlus(Rule):
+    """Sparse max-plus with ``k`` finite weights per output, same width as the ReLU it replaces.
+    ``init="relu"`` keeps the function exactly; ``"paper"`` is the paper's random init."""
+
+    k: int = 2
+    init: Literal["relu", "paper"] = "relu"
+    kind: ClassVar = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "k", self.k)
+        check_choice(self, "init", self.init, ("relu", "paper"))
+
+
+@register_rule(MaxPlus)
+def relu_to_maxplus(rule: MaxPlus, site: Site) -> nn.Module:
+    """A ReLU on (N, C, H, W) becomes a channel-mixing max-plus at every position; on (..., C) it mixes C."""
+    if site.input_shape is None or len(site.input_shape) < 2 or len(site.input_shape) > 4:
+        raise SkipSite(f"input shape {site.input_shape} is not (N, C), (N, T, C) or (N, C, H, W)")
+    features = site.features
+    if rule.k > features:
+        raise StructfxError(
+            f"MaxPlus(k={rule.k}) exceeds the in_features={features} of {site.name}: choose k <= {features} "
+            f"or keep small layers out with min_features / filter_fn"
+        )
+    layer_type = ChannelMaxPlus if len(site.input_shape) == 4 else SparseMaxPlus
+    return layer_type(features, features, rule.k, init=rule.init)

@@ -1,0 +1,32 @@
+"""Rule MaxPlusPool: max / avg / adaptive 2-D pooling -> MaxPlusPool2d with se = 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from structfx.errors import StructfxError
+from structfx.nn import MaxPlusPool2d
+from structfx.passes.registry import SkipSite, register_rule
+from structfx.passes.rules.base import Rule
+from structfx.passes.sites import Site
+
+
+@dataclass(frozen=True)
+class MaxPlusPool(Rule):
+    """Max-plus pooling with the pool's geometry and se = 0: exact for max pooling, approximate for
+    average pooling (the report gives the error). Global pools get a per-position structuring element."""
+
+    kind: ClassVar = "pool"
+
+
+@register_rule(MaxPlusPool)
+def pool_to_maxplus(rule: MaxPlusPool, site: Site) -> nn.Module:
+    if site.input_shape is None or len(site.input_shape) not in (3, 4):
+        raise SkipSite(f"input shape {site.input_shape} is not (N, C, H, W) or (C, H, W)")
+    try:
+        return MaxPlusPool2d.from_module(site.module, site.features, tuple(site.input_shape[-2:]))
+    except StructfxError as e:
+        raise SkipSite(str(e)) from e

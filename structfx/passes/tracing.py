@@ -1,0 +1,82 @@
+"""Symbolic tracing of one module call, specialised to the non-tensor arguments it was called with."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import fx, nn
+
+from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
+from structfx.passes.sites import is_conv1d
+
+
+class TraceFailure(Exception):
+    """Why a module could not be traced; the transform falls back to its children."""
+
+
+class StructfxTracer(fx.Tracer):
+    """torch.fx's tracer with transformers' Conv1D and our own layers kept as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if is_conv1d(m) or isinstance(m, (BTTLinear, SPMLinear, SparseMaxPlus, MaxPlusPool2d)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
+    """The call's named arguments, defaults filled in, in the order of the graph's placeholders.
+
+    Raises TraceFailure for a call that passes anything through ``*args`` or ``**kwargs``.
+    """
+    signature = inspect.signature(module.forward)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    named = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            if value:
+                raise TraceFailure(f"called with arguments that only its catch-all parameter {name!r} takes")
+        else:
+            named[name] = value
+    return named
+
+
+def trace_call(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Trace ``module`` with every non-tensor argument of this call baked in (FX guards that it is not
+    called with other values later), and check that the graph reproduces the call."""
+    arguments = bound_arguments(module, args, kwargs)
+    concrete = {name: value for name, value in arguments.items() if not isinstance(value, torch.Tensor)}
+    try:
+        graph = StructfxTracer().trace(module, concrete_args=concrete)
+    except Exception as e:  # tracing runs user code: any failure means "not traceable here"
+        raise TraceFailure(f"symbolic tracing failed: {type(e).__name__}: {_first_line(e)}") from e
+    named_placeholders = [n for n in graph.nodes if n.op == "placeholder" and not str(n.target).startswith("*")]
+    for node, name in zip(named_placeholders, arguments):
+        node.target = name  # keep the forward's parameter names, so keyword calls still work
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    _check_reproduces(module, gm, args, kwargs)
+    return gm
+
+
+def _check_reproduces(module: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    with torch.no_grad():
+        try:
+            expected, got = module(*args, **kwargs), gm(*args, **kwargs)
+        except Exception as e:
+            raise TraceFailure(f"the traced graph fails on the example call: {_first_line(e)}") from e
+    expected_leaves, expected_spec = torch.utils._pytree.tree_flatten(expected)
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+    same = expected_spec == got_spec and all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(expected_leaves, got_leaves)
+    )
+    if not same:
+        raise TraceFailure(
+            f"the traced graph does not reproduce the module on the example inputs "
+            f"(returns {type(got).__name__}, eager {type(expected).__name__})"
+        )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

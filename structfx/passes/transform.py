@@ -1,0 +1,218 @@
+"""``structfx.transform``: put structured layers into a copy of a model, on torch.fx graphs.
+
+The whole model is traced when it can be. Where symbolic tracing fails (data-dependent control flow, the
+common case in transformers models), each child is traced on its own, recursively, and leaf layers that
+no trace reaches are swapped as modules; the report names every part that fell back and why.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx, nn
+
+from structfx.errors import StructfxError
+from structfx.nn.fitting import relative_error
+from structfx.passes import cost
+from structfx.passes.recording import Call, SiteInputRecorder, evaluation_mode, record_calls
+from structfx.passes.registry import SkipSite, builder_for
+from structfx.passes.report import REPORT_ATTRIBUTE, Report, Row
+from structfx.passes.rewrite import drop_unused_attributes, replace_node
+from structfx.passes.rules.base import Rule
+from structfx.passes.sites import Site, site_from_module, site_from_node
+from structfx.passes.tracing import TraceFailure, bound_arguments, trace_call
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def transform(
+    model: nn.Module,
+    rules: Rule | Sequence[Rule],
+    example_inputs: Tensor | tuple,
+    calibration: Iterable | None = None,
+    filter_fn: FilterFn | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with every layer a rule claims replaced; ``structfx.report(result)`` says what
+    changed. ``model`` itself is never modified.
+
+    ``example_inputs``: the positional inputs of one forward call (traced and measured on).
+    ``calibration``: batches like ``example_inputs`` (a tensor or a tuple; a longer tuple such as
+    ``(x, y)`` from a labelled loader keeps its first inputs) used to fit layers and measure errors.
+    ``filter_fn(name, module)``: False keeps that layer. When two rules claim a layer, the first wins.
+    """
+    rules = _checked_rules(rules)
+    example = _as_args(example_inputs)
+    batches = [example, *_calibration_batches(calibration, example)]
+    result = copy.deepcopy(model)
+    calls, reference_outputs = record_calls(result, batches)
+    rewriter = _Rewriter(rules, filter_fn, calls, use_calibration=len(batches) > 1)
+    result = rewriter.rewrite(result, "")
+    with torch.no_grad(), evaluation_mode(result):
+        outputs = [result(*batch) for batch in batches[1:] or batches]
+    measured = reference_outputs[1:] or reference_outputs
+    setattr(result, REPORT_ATTRIBUTE, Report(
+        rewriter.rows, _output_error(outputs, measured),
+        "calibration inputs" if len(batches) > 1 else "example inputs",
+    ))
+    return result
+
+
+@dataclass
+class _Rewriter:
+    rules: list[Rule]
+    filter_fn: FilterFn | None
+    calls: dict[nn.Module, list[Call]]
+    use_calibration: bool
+    rows: list[Row] = field(default_factory=list)
+
+    def rewrite(self, module: nn.Module, prefix: str) -> nn.Module:
+        """The module with its candidates replaced: a GraphModule where it traces, else itself with its
+        children rewritten one by one."""
+        site = site_from_module(prefix.rstrip("."), module)
+        if site is not None:
+            calls = self.calls.get(module, [])
+            if calls:
+                site.input_shape = tuple(calls[0].args[0].shape) if calls[0].args else None
+                site.samples = [c.args[0] for c in self._sample_calls(calls) if c.args]
+            return self.convert(site) or module
+        calls = self.calls.get(module)
+        if not calls:
+            return self._rewrite_children(module, prefix)
+        try:
+            gm = trace_call(module, calls[0].args, calls[0].kwargs)
+        except TraceFailure as failure:
+            if any(True for _ in module.children()):
+                self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
+            return self._rewrite_children(module, prefix)
+        self._rewrite_graph(gm, prefix, module, calls)
+        return gm
+
+    def _rewrite_children(self, module: nn.Module, prefix: str) -> nn.Module:
+        for name, child in list(module.named_children()):
+            setattr(module, name, self.rewrite(child, f"{prefix}{name}."))
+        return module
+
+    def _sample_calls(self, calls: list[Call]) -> list[Call]:
+        return [c for c in calls if (c.batch > 0) == self.use_calibration]
+
+    def _rewrite_graph(self, gm: fx.GraphModule, prefix: str, module: nn.Module, calls: list[Call]) -> None:
+        sites = [site for node in gm.graph.nodes if (site := site_from_node(gm, node, prefix))]
+        recorder = SiteInputRecorder(gm, {s.node: s.input_node for s in sites if s.input_node is not None})
+        for call in self._sample_calls(calls) or calls[:1]:
+            recorder.propagate(*bound_arguments(module, call.args, call.kwargs).values())
+        _name_repeated_calls(sites)
+        sites = [s for s in sites if s.input_node is not None]
+        for site in sites:
+            meta = site.input_node.meta.get("tensor_meta")
+            site.input_shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+            site.samples = recorder.samples.get(site.node, [])
+        replaced: dict[fx.Node, fx.Node] = {}
+        for site in sites:
+            new = self.convert(site)
+            if new is not None:
+                site.input_node = replaced.get(site.input_node, site.input_node)
+                replaced[site.node] = replace_node(gm, site, new)
+        drop_unused_attributes(gm)
+        gm.graph.lint()
+        gm.recompile()
+
+    def convert(self, site: Site) -> nn.Module | None:
+        """The replacement for ``site`` under the first rule that claims it, with its report row."""
+        rule = next((r for r in self.rules if r.kind == site.kind), None)
+        if rule is None:
+            return None
+        old_params = cost.parameter_count(site.module)
+        old_ops = cost.ops_per_row(site.module) if site.kind != "relu" else (site.features or 0)
+        row = Row(site.name, type(rule).__name__, "skipped", params_old=old_params, ops_old=old_ops)
+        self.rows.append(row)
+        if self.filter_fn is not None and not self.filter_fn(site.name, site.module):
+            row.reason = "filter_fn"
+            return None
+        if site.features is None:
+            row.reason = "never called with the example inputs: its size is unknown"
+            return None
+        if site.features < rule.min_features:
+            row.reason = f"{site.features} features < min_features={rule.min_features}"
+            return None
+        try:
+            new = builder_for(rule)(rule, site)
+        except SkipSite as skip:
+            row.reason = str(skip)
+            return None
+        row.status, row.params_new, row.ops_new = "replaced", cost.parameter_count(new), cost.ops_per_row(new)
+        row.padding = cost.padding_note(new)
+        row.error = _layer_error(site, new)
+        return new
+
+
+def _name_repeated_calls(sites: list[Site]) -> None:
+    """A module called at several places gets one row per call: ``name``, ``name:2``, ..."""
+    seen: dict[str, int] = {}
+    for site in sites:
+        seen[site.name] = seen.get(site.name, 0) + 1
+        if seen[site.name] > 1:
+            site.name = f"{site.name}:{seen[site.name]}"
+
+
+def _layer_error(site: Site, new: nn.Module) -> float | None:
+    if not site.samples:
+        return None
+    with torch.no_grad(), evaluation_mode(new):
+        old_out = torch.cat([site.module(x.clone()).flatten() for x in site.samples])
+        new_out = torch.cat([new(x).flatten() for x in site.samples])
+    return relative_error(new_out, old_out)
+
+
+def _output_error(outputs: list, references: list) -> float | None:
+    """Relative error over every floating tensor of the model's outputs."""
+    pairs = [
+        (got.flatten().double(), want.flatten().double())
+        for out, ref in zip(outputs, references)
+        for got, want in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref))
+        if isinstance(want, Tensor) and want.is_floating_point()
+    ]
+    if not pairs:
+        return None
+    return relative_error(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+
+
+def _checked_rules(rules: Rule | Sequence[Rule]) -> list[Rule]:
+    rules = [rules] if not isinstance(rules, (list, tuple)) else list(rules)
+    if not rules:
+        raise StructfxError("transform needs at least one rule, e.g. [structfx.BTT(rank=1), structfx.MaxPlus(k=2)]")
+    for rule in rules:
+        builder_for(rule)  # raises, listing the known rules, for anything else
+    return rules
+
+
+def _as_args(inputs) -> tuple:
+    if isinstance(inputs, Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return tuple(inputs)
+    raise StructfxError(
+        f"example_inputs must be a tensor or a non-empty tuple of a forward call's inputs, got {type(inputs).__name__}"
+    )
+
+
+def _calibration_batches(calibration: Iterable | None, example: tuple) -> list[tuple]:
+    """Each batch as positional args shaped like the example inputs (any batch size)."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, Tensor):
+        calibration = [calibration]
+    batches = []
+    for index, batch in enumerate(calibration):
+        args = _as_args(batch)[: len(example)]
+        for position, (got, want) in enumerate(zip(args, example)):
+            if not isinstance(got, Tensor) or got.shape[1:] != want.shape[1:] or got.dtype != want.dtype:
+                described = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, Tensor) else type(got).__name__
+                raise StructfxError(
+                    f"calibration batch {index}, input {position}: got {described}, expected (any batch, "
+                    f"{', '.join(map(str, want.shape[1:]))}) {want.dtype} like example_inputs"
+                )
+        batches.append(args)
+    return batches

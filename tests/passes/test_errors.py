@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torch import nn
+
+import structfx as sfx
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_calibration_of_the_wrong_shape():
+    with pytest.raises(sfx.StructfxError, match=r"calibration batch 1, input 0: got \(8, 32\).*expected \(any batch, 64\)"):
+        sfx.transform(_mlp(), sfx.BTT(), example_inputs=torch.randn(4, 64),
+                      calibration=[torch.randn(8, 64), torch.randn(8, 32)])
+
+
+def test_k_larger_than_the_layer():
+    with pytest.raises(sfx.StructfxError, match=r"MaxPlus\(k=80\) exceeds the in_features=64 of 1"):
+        sfx.transform(_mlp(), sfx.MaxPlus(k=80), example_inputs=torch.randn(4, 64))
+
+
+@pytest.mark.parametrize("rule", ["btt", nn.ReLU(), None])
+def test_unknown_rule_lists_the_known_ones(rule):
+    with pytest.raises(sfx.StructfxError, match="is not a structfx rule; use one of: BTT, MaxPlus, MaxPlusPool, SPM"):
+        sfx.transform(_mlp(), [rule], example_inputs=torch.randn(4, 64))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: sfx.BTT(rank=0), r"BTT\(rank=0\) must be a positive integer"),
+        (lambda: sfx.SPM(variant="lower"), r"SPM\(variant='lower'\) is not one of"),
+        (lambda: sfx.MaxPlus(init="zeros"), r"MaxPlus\(init='zeros'\) is not one of"),
+        (lambda: sfx.MaxPlusPool(min_features=0), r"MaxPlusPool\(min_features=0\) must be at least 1"),
+    ],
+)
+def test_rule_configuration_is_validated(make, message):
+    with pytest.raises(sfx.StructfxError, match=message):
+        make()
+
+
+def test_report_of_an_untransformed_model():
+    with pytest.raises(sfx.StructfxError, match="carries no structfx report"):
+        sfx.report(_mlp())
+
+
+def test_bad_example_inputs():
+    with pytest.raises(sfx.StructfxError, match="example_inputs must be a tensor or a non-empty tuple"):
+        sfx.transform(_mlp(), sfx.BTT(), example_inputs=())
