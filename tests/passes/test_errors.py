@@ -10,7 +10,8 @@ def _mlp():
 
 
 def test_calibration_of_the_wrong_shape():
-    with pytest.raises(sfx.StructfxError, match=r"calibration batch 1, input 0: got \(8, 32\).*expected \(any batch, 64\)"):
+    message = r"calibration batch 1, input 0: got \(8, 32\).*expected \(any batch, 64\)"
+    with pytest.raises(sfx.StructfxError, match=message):
         sfx.transform(_mlp(), sfx.BTT(), example_inputs=torch.randn(4, 64),
                       calibration=[torch.randn(8, 64), torch.randn(8, 32)])
 
