@@ -1,0 +1,6 @@
+"""torch.export -> TVM Relax, with our ops lowered to our own TE kernels and schedules."""
+
+from structfx.lowering.build import compile
+from structfx.lowering.compiled import CompiledModel
+
+__all__ = ["CompiledModel", "compile"]

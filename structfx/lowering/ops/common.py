@@ -1,0 +1,71 @@
+"""Helpers every op's converter and schedule share."""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+from structfx.lowering.compat import Schedule, Target, codegen, relax, tirx
+
+
+def vector_lanes(target: Target) -> int:
+    """float32 lanes of the target's widest usable vector register (8 for AVX2, 16 for AVX-512)."""
+    if target.kind.name != "llvm":
+        return 32
+    with target:
+        bits = codegen.llvm_get_vector_width(target)
+    if "-avx512f" in list(target.attrs.get("mattr", [])):
+        bits = min(bits, 256)
+    return max(4, bits // 32)
+
+
+def clamp(index, extent):
+    """An index known to lie in [0, extent): data-dependent reads need it, or compute_at cannot bound
+    the region it reads (tvm_notes.md)."""
+    return tirx.max(tirx.min(index, extent - 1), 0)
+
+
+def split_exact(sch: Schedule, loop, extent: int, preferred: int):
+    """Split ``loop`` by the largest divisor of ``extent`` up to ``preferred``: (outer, inner), or
+    (None, loop) where the split would leave a unit loop (which breaks later reorders: tvm_notes.md)."""
+    factor = max(d for d in range(1, min(extent, preferred) + 1) if extent % d == 0)
+    if factor <= 1 or factor >= extent:
+        return None, loop
+    return sch.split(loop, [None, factor])
+
+
+def present(*loops) -> list:
+    return [loop for loop in loops if loop is not None]
+
+
+def named_loops(sch: Schedule, block, dims: list[tuple[str, int]]) -> list:
+    """The innermost loops of ``block`` matched to ``dims`` (name, extent), None for a dim of extent 1
+    (compute_at leaves no loop for those)."""
+    kept = [extent > 1 for _, extent in dims]
+    loops = list(sch.get_loops(block))[-sum(kept):] if any(kept) else []
+    found = iter(loops)
+    return [next(found) if keep else None for keep in kept]
+
+
+def as_rows(importer, x: relax.Expr) -> tuple[relax.Expr, list]:
+    """x (..., n) as rows (B, n) and the leading shape to restore afterwards."""
+    shape = list(importer.shape_of(x))
+    leading = shape[:-1]
+    if len(shape) == 2:
+        return x, leading
+    rows = functools.reduce(operator.mul, leading, 1)
+    return importer.block_builder.emit(relax.op.reshape(x, [rows, shape[-1]])), leading
+
+
+def from_rows(importer, y: relax.Expr, leading: list, width) -> relax.Expr:
+    if len(leading) == 1:
+        return y
+    return importer.block_builder.emit(relax.op.reshape(y, [*leading, width]))
+
+
+def find_block(sch: Schedule, name: str):
+    """The block of that name in a schedule, or None: how a rule recognises one of our kernels."""
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # TVM raises its own ScheduleError subclasses, all "not here"
+        return None

@@ -1,0 +1,82 @@
+"""Sparse max-plus kernel: ``y[b, j] = max(bias[j], max_t x[b, idx[j, t]] + w[j, t])``.
+
+Vectorised over the batch, not over outputs (AVX gathers are slow): each tile of ``lanes`` rows is
+transposed into an (n_in, lanes) scratch buffer, so each (j, t) is one contiguous vector load, a broadcast
+add and a max; the result tile is transposed back while it is still in cache. The bias is a separate
+elementwise max (``te.max(init=...)`` would drop it: tvm_notes.md). The batch is a multiple of the tile
+(``structfx.lowering.export.ROW_MULTIPLE``), so no loop needs a remainder.
+"""
+
+from __future__ import annotations
+
+from structfx.lowering.compat import Schedule, ScheduleRule, Target, te
+from structfx.lowering.converters import register_converter
+from structfx.lowering.ops.common import (
+    as_rows,
+    clamp,
+    find_block,
+    from_rows,
+    named_loops,
+    present,
+    split_exact,
+    vector_lanes,
+)
+
+TILE, CANDIDATES, OUT = "structfx_maxplus_tile", "structfx_maxplus", "structfx_maxplus_out"
+OUT_COLUMNS = 8  # outputs per transposed-back tile
+
+
+def maxplus_te(x: te.Tensor, idx: te.Tensor, w: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
+    rows, n_in = x.shape
+    n_out, k = idx.shape
+    tiled = te.compute((n_in, rows), lambda i, b: x[b, i], name=TILE)
+    t = te.reduce_axis((0, k), "t")
+    best = te.compute(
+        (n_out, rows), lambda j, b: te.max(tiled[clamp(idx[j, t], n_in), b] + w[j, t], axis=t), name=CANDIDATES
+    )
+    if bias is None:
+        return te.compute((rows, n_out), lambda b, j: best[j, b], name=OUT)
+    return te.compute((rows, n_out), lambda b, j: te.max(best[j, b], bias[j]), name=OUT)
+
+
+@register_converter("structfx::sparse_maxplus")
+def convert_maxplus(node, importer, target: Target):
+    x, idx, w, bias = (None if a is None else importer.env[a] for a in node.args)
+    rows, leading = as_rows(importer, x)
+    y = importer.block_builder.emit_te(maxplus_te, rows, idx, w, bias, primfunc_name_hint="structfx_sparse_maxplus")
+    return from_rows(importer, y, leading, importer.shape_of(idx)[0])
+
+
+class MaxPlusCPU(ScheduleRule):
+    """Parallel over row tiles; per tile the input transpose, the candidates of each block of outputs
+    and their transpose back run on cache-resident scratch buffers."""
+
+    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
+        if target.kind.name != "llvm":
+            return None
+        sch = Schedule(func)
+        tile, best, out = (find_block(sch, name) for name in (TILE, CANDIDATES, OUT))
+        if tile is None or best is None or out is None:
+            return None
+        lanes = vector_lanes(target)
+        n_out = int(sch.get(out).iter_vars[1].dom.extent)
+        b, j = sch.get_loops(out)
+        b_outer, b_inner = sch.split(b, [None, lanes])
+        j_outer, j_inner = split_exact(sch, j, n_out, OUT_COLUMNS)
+        sch.reorder(b_outer, *present(j_outer), b_inner, j_inner)
+        sch.parallel(b_outer)
+        sch.vectorize(j_inner)
+        sch.compute_at(best, j_outer if j_outer is not None else b_outer)
+        columns = n_out if j_outer is None else int(sch.get(j_inner).extent)
+        j_best, b_best, t_best = named_loops(sch, best, [("j", columns), ("b", lanes), ("t", k_of(sch, best))])
+        sch.reorder(*present(j_best, t_best), b_best)
+        sch.vectorize(b_best)
+        if t_best is not None:
+            sch.decompose_reduction(best, t_best)
+        sch.compute_at(tile, b_outer)
+        sch.vectorize(sch.get_loops(tile)[-1])
+        return sch
+
+
+def k_of(sch: Schedule, block) -> int:
+    return int(sch.get(block).iter_vars[2].dom.extent)

@@ -1,0 +1,145 @@
+"""SPM kernel: every stage fused in one kernel over a cache-resident tile of rows.
+
+A tile of ``lanes`` rows is transposed into an (N, lanes) scratch buffer and each stage runs on it,
+vectorised over the tile's rows: ``h[i] <- self[l, i] h[i] + other[l, i] h[partner[l, i]]``, where
+(self, other) is (a, b) for the first coordinate of a pair and (d, c) for the second. The per-coordinate
+coefficients are computed once per call by a small kernel; partners are constants of the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from structfx.lowering.compat import Schedule, ScheduleRule, Target, relax, te, tirx
+from structfx.lowering.converters import register_converter
+from structfx.lowering.ops.common import as_rows, clamp, find_block, from_rows, present, split_exact, vector_lanes
+from structfx.nn.spm_pairing import stage_permutations
+
+INPUT, OUTPUT, COEFFICIENTS = "structfx_spm_in", "structfx_spm_out", "structfx_spm_coefficients"
+OUT_COLUMNS = 8
+
+
+def stage_name(stage: int) -> str:
+    return f"structfx_spm_stage{stage}"
+
+
+def pairing_tables(width: int, stages: int, pairing: str, seed: int) -> tuple[np.ndarray, ...]:
+    """(partner, pair index, is-second) per stage and coordinate, int32 (L, N) each."""
+    perms = stage_permutations(width, stages, pairing, seed)
+    partner, pair, second = (np.empty((stages, width), np.int32) for _ in range(3))
+    for l, perm in enumerate(perms):
+        p, q = perm[0::2], perm[1::2]
+        partner[l, p], partner[l, q] = q, p
+        pair[l, p] = pair[l, q] = np.arange(width // 2)
+        second[l, p], second[l, q] = 0, 1
+    return partner, pair, second
+
+
+def coefficients_te(coeffs: te.Tensor, pair: te.Tensor, second: te.Tensor, variant: str):
+    """(self, other) multipliers per stage and coordinate: (a, b) for a pair's first coordinate, (d, c)
+    for its second; a rotation is (cos, -sin) and (cos, sin)."""
+    stages, width = pair.shape
+
+    def self_entry(l, i):
+        k = pair[l, i]
+        if variant == "orthogonal":
+            return tirx.cos(coeffs[l, k])
+        return tirx.if_then_else(second[l, i] == 1, coeffs[l, 3, k], coeffs[l, 0, k])
+
+    def other_entry(l, i):
+        k = pair[l, i]
+        if variant == "orthogonal":
+            sin = tirx.sin(coeffs[l, k])
+            return tirx.if_then_else(second[l, i] == 1, sin, -sin)
+        return tirx.if_then_else(second[l, i] == 1, coeffs[l, 2, k], coeffs[l, 1, k])
+
+    return (
+        te.compute((stages, width), self_entry, name=COEFFICIENTS),
+        te.compute((stages, width), other_entry, name=COEFFICIENTS + "_other"),
+    )
+
+
+def spm_te(x, d_in, self_coef, other_coef, partner, d_out, bias, out_features: int):
+    """Stages on the transposed rows h[i, b]; returns y (B, out_features)."""
+    rows, n_in = x.shape
+    stages, width = (int(v) for v in partner.shape)
+    h = te.compute(
+        (width, rows),
+        lambda i, b: tirx.if_then_else(i < n_in, x[b, tirx.min(i, n_in - 1)] * d_in[i], tirx.const(0.0, x.dtype)),
+        name=INPUT,
+    )
+    for l in range(stages):
+        h = _stage(h, l, self_coef, other_coef, partner, width)
+
+    def out(b, j):
+        value = h[j, b] * d_out[j]
+        return value if bias is None else value + bias[j]
+
+    return te.compute((rows, out_features), out, name=OUTPUT)
+
+
+def _stage(h, l: int, self_coef, other_coef, partner, width: int):
+    def mix(i, b):
+        return self_coef[l, i] * h[i, b] + other_coef[l, i] * h[clamp(partner[l, i], width), b]
+
+    return te.compute(h.shape, mix, name=stage_name(l))
+
+
+@register_converter("structfx::spm")
+def convert_spm(node, importer, target: Target):
+    x, d_in, coeffs, d_out, bias = (None if a is None else importer.env[a] for a in node.args[:5])
+    variant, pairing, seed, out_features = node.args[5:9]
+    width = int(importer.shape_of(d_in)[0])
+    stages = int(importer.shape_of(coeffs)[0])
+    partner, pair, second = (relax.const(t) for t in pairing_tables(width, stages, pairing, seed))
+    bb = importer.block_builder
+    coefficients = bb.emit_te(coefficients_te, coeffs, pair, second, variant, primfunc_name_hint=COEFFICIENTS)
+    self_coef, other_coef = (bb.emit(relax.TupleGetItem(coefficients, i)) for i in range(2))
+    rows, leading = as_rows(importer, x)
+    y = bb.emit_te(
+        spm_te, rows, d_in, self_coef, other_coef, partner, d_out, bias, out_features, primfunc_name_hint="structfx_spm"
+    )
+    return from_rows(importer, y, leading, out_features)
+
+
+class SPMCPU(ScheduleRule):
+    """Parallel over row tiles; the input transpose, every stage and the output transpose of one tile
+    run back to back on (N, lanes) scratch buffers (not L passes of the whole tensor through memory)."""
+
+    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
+        if target.kind.name != "llvm":
+            return None
+        sch = Schedule(func)
+        out, first = find_block(sch, OUTPUT), find_block(sch, INPUT)
+        if out is None or first is None:
+            return None
+        stages = []
+        while (block := find_block(sch, stage_name(len(stages)))) is not None:
+            stages.append(block)
+        lanes = vector_lanes(target)
+        n_out = int(sch.get(out).iter_vars[1].dom.extent)
+        b, j = sch.get_loops(out)
+        b_outer, b_inner = sch.split(b, [None, lanes])
+        j_outer, j_inner = split_exact(sch, j, n_out, OUT_COLUMNS)
+        sch.reorder(b_outer, *present(j_outer), b_inner, j_inner)
+        sch.parallel(b_outer)
+        sch.vectorize(j_inner)
+        for block in reversed([first, *stages]):
+            sch.compute_at(block, b_outer)
+            sch.vectorize(sch.get_loops(block)[-1])
+        return sch
+
+
+class SPMCoefficientsCPU(ScheduleRule):
+    """The small per-call coefficient kernel: (L, N) elements, parallel over stages."""
+
+    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
+        if target.kind.name != "llvm":
+            return None
+        sch = Schedule(func)
+        blocks = [find_block(sch, COEFFICIENTS), find_block(sch, COEFFICIENTS + "_other")]
+        if None in blocks:
+            return None
+        for block in blocks:
+            sch.parallel(sch.get_loops(block)[0])
+        return sch

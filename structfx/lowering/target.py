@@ -1,0 +1,71 @@
+"""Which machine the kernels are built for: the host CPU by default, detected rather than hard-coded."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from structfx.errors import StructfxError
+from structfx.lowering.compat import Target, codegen
+
+#: Base x86 features whose absence must be told to LLVM: a CPU name alone (e.g. "znver4" on a virtual
+#: machine that hides AVX-512) would let LLVM emit instructions the host cannot run.
+_X86_FEATURES = ("avx512f", "avx2", "fma", "avx")
+
+
+def host_target() -> Target:
+    """The host CPU as an LLVM target: explicit triple, the CPU LLVM detects, minus features the OS
+    does not report; ``llvm`` with defaults where detection fails."""
+    machine = platform.machine()
+    cpu = codegen.llvm_get_system_cpu()
+    if platform.system() != "Linux" or machine not in ("x86_64", "aarch64") or not codegen.llvm_is_valid_cpu(
+        cpu, f"{machine}-linux-gnu"
+    ):
+        return Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})
+    spec = {"kind": "llvm", "mtriple": f"{machine}-linux-gnu", "mcpu": cpu, "num-cores": _cores()}
+    missing = [f"-{f}" for f in _X86_FEATURES if machine == "x86_64" and f not in _cpu_flags()]
+    if missing:
+        spec["mattr"] = missing
+    return Target(spec)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set(_X86_FEATURES)  # unknown: trust LLVM's view of the CPU
+
+
+def resolve_target(target: object = None) -> Target:
+    """``None``/``"llvm"``/``"cpu"``: the host; ``"cuda"``, ``"cuda -arch=sm_90"``, a dict or a Target."""
+    if target is None or target in ("llvm", "cpu"):
+        return host_target()
+    if isinstance(target, Target):
+        resolved = target
+    elif isinstance(target, (str, dict)):
+        try:
+            resolved = Target(_cuda_spec(target) if isinstance(target, str) and target.startswith("cuda") else target)
+        except Exception as e:  # TVM's own parse errors are long C++ traces: keep the gist
+            raise StructfxError(f"target {target!r} is not a TVM target: {str(e).splitlines()[0]}") from e
+    else:
+        raise StructfxError(f"target must be a string, a dict or a tvm Target, got {type(target).__name__}")
+    if resolved.kind.name not in ("llvm", "cuda"):
+        raise StructfxError(f"target kind {resolved.kind.name!r} is not supported; use 'llvm' (CPU) or 'cuda'")
+    return resolved
+
+
+def _cuda_spec(text: str) -> dict:
+    """``"cuda -arch=sm_90"`` in the dict form this TVM takes."""
+    spec: dict = {"kind": "cuda"}
+    for flag in text.split()[1:]:
+        key, _, value = flag.lstrip("-").partition("=")
+        spec[key] = value
+    return spec
