@@ -1,13 +1,40 @@
-"""structfx: swap the costly parts of a trained PyTorch model for structured layers, then compile them."""
+"""structfx: swap the costly parts of a trained PyTorch model for structured layers, then compile them.
 
-from structfx.errors import StructfxError
-from structfx.lowering import CompiledModel, compile
-from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
-from structfx.passes import BTT, SPM, MaxPlus, MaxPlusPool, Report, report, transform
+Attributes load lazily (PEP 562), so that ``structfx.runtime`` can run a compiled artifact on a machine
+with the TVM runtime alone: importing it never imports torch or the compiler.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BTT", "SPM", "BTTLinear", "CompiledModel", "MaxPlus", "MaxPlusPool", "MaxPlusPool2d", "Report", "SPMLinear",
-    "SparseMaxPlus", "StructfxError", "__version__", "compile", "report", "transform",
-]
+_EXPORTS = {
+    "StructfxError": "structfx.errors",
+    "BTTLinear": "structfx.nn",
+    "MaxPlusPool2d": "structfx.nn",
+    "SPMLinear": "structfx.nn",
+    "SparseMaxPlus": "structfx.nn",
+    "BTT": "structfx.passes",
+    "SPM": "structfx.passes",
+    "MaxPlus": "structfx.passes",
+    "MaxPlusPool": "structfx.passes",
+    "Report": "structfx.passes",
+    "report": "structfx.passes",
+    "transform": "structfx.passes",
+    "CompiledModel": "structfx.lowering",
+    "compile": "structfx.lowering",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'structfx' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -23,10 +23,11 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     if symbolic_batch:
         mod = define_row_tiles(mod)
     mod = apply_schedules(mod, tvm_target)
+    kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint.startswith("structfx_"))
     executable = tvm.compile(mod, target=tvm_target)
     return CompiledModel(
         executable, params, input_specs(program), output_specs(program), program.call_spec.out_spec, tvm_target,
-        ROW_MULTIPLE if symbolic_batch else None,
+        ROW_MULTIPLE if symbolic_batch else None, kernels,
     )
 
 

@@ -2,70 +2,68 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Target, relax, tvm
-from structfx.lowering.export import TensorSpec, pad_rows
+from structfx.lowering.export import pad_rows
+from structfx.runtime.signature import TensorSpec, check_inputs
 
 
 class CompiledModel:
     """Call it like the model it came from. Inputs are checked against the exported signature before
-    any kernel runs; a symbolic batch accepts any batch size."""
+    any kernel runs; a symbolic batch accepts any batch size. ``save(dir)`` writes a deployable artifact."""
 
     def __init__(self, executable, params: list, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 out_spec, target: Target, row_multiple: int | None) -> None:
+                 out_spec, target: Target, row_multiple: int | None, kernels: list[str]) -> None:
         self.executable, self.params = executable, params
         self.inputs, self.outputs, self.out_spec, self.target = inputs, outputs, out_spec, target
         self.row_multiple = row_multiple  # None: static batch
+        self.kernels = kernels  # names of our own scheduled kernels in the build
         self.device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
-        self._vm = None
+        self._vm, self._device_params = None, None
 
-    @property
-    def vm(self):
-        """The Relax VM, made on first use (a cuda build compiles without a GPU, runs only with one)."""
+    def _machine(self):
+        """The Relax VM and the weights on the device, made on first use (a cuda build compiles
+        anywhere, runs only with a GPU)."""
         if self._vm is None:
             if not self.device.exist:
                 raise StructfxError(
-                    f"no {self.target.kind.name} device is present: this model was built for {self.target.kind.name}; "
-                    f"compile with target='llvm' to run on the CPU"
+                    f"no {self.target.kind.name} device is present: this model was built for "
+                    f"{self.target.kind.name}; compile with target='llvm' to run on the CPU"
                 )
             self._vm = relax.VirtualMachine(self.executable, self.device)
-            self.params = [tvm.runtime.tensor(p.numpy(), self.device) for p in self.params]
-        return self._vm
+            self._device_params = [tvm.runtime.tensor(p.numpy(), self.device) for p in self.params]
+        return self._vm, self._device_params
 
     def __call__(self, *args: Tensor):
         self.check_inputs(args)
-        vm = self.vm
-        batch = args[0].shape[0] if args and args[0].dim() > 0 else None
+        vm, params = self._machine()
+        rows = args[0].shape[0] if args and args[0].dim() > 0 else None
         if self.row_multiple is not None:
             args = pad_rows(args, self.row_multiple)
         values = [tvm.runtime.from_dlpack(a.detach().contiguous()) for a in args]
         if self.row_multiple is not None:
             values.append(tvm.runtime.ShapeTuple([args[0].shape[0] // self.row_multiple]))
-        result = vm["main"](*values, *self.params)
+        result = vm["main"](*values, *params)
         leaves = [torch.from_dlpack(t) for t in ([result] if hasattr(result, "__dlpack__") else list(result))]
         leaves = [
-            leaf[:batch] if spec.shape and spec.shape[0] is None else leaf for leaf, spec in zip(leaves, self.outputs)
+            leaf[:rows] if spec.shape and spec.shape[0] is None else leaf for leaf, spec in zip(leaves, self.outputs)
         ]
         return torch.utils._pytree.tree_unflatten(leaves, self.out_spec)
 
     def check_inputs(self, args: tuple) -> None:
-        expected = "; ".join(s.describe() for s in self.inputs)
-        if len(args) != len(self.inputs):
-            raise StructfxError(f"expected {len(self.inputs)} input(s) ({expected}), got {len(args)}")
-        for value, spec in zip(args, self.inputs):
-            if not isinstance(value, Tensor):
-                raise StructfxError(
-                    f"{spec.name} must be a torch.Tensor ({spec.describe()}), got {type(value).__name__}"
-                )
-            dtype = str(value.dtype).removeprefix("torch.")
-            fits = len(value.shape) == len(spec.shape) and all(
-                want is None or got == want for got, want in zip(value.shape, spec.shape)
-            )
-            if dtype != spec.dtype or not fits or value.device.type != "cpu":
-                raise StructfxError(
-                    f"{spec.name} got ({', '.join(map(str, value.shape))}) {dtype} on {value.device.type}, "
-                    f"expected {spec.describe()} on cpu"
-                )
+        if any(isinstance(a, Tensor) and a.device.type != "cpu" for a in args):
+            raise StructfxError("inputs must be CPU tensors: the compiled model moves them to its device itself")
+        check_inputs(self.inputs, [
+            (tuple(a.shape), str(a.dtype).removeprefix("torch.")) if isinstance(a, Tensor) else None for a in args
+        ])
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """One directory: kernels (.so), weights (safetensors), manifest.json (see structfx.runtime)."""
+        from structfx.lowering.save import save_artifact
+
+        return save_artifact(self, directory, overwrite)

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from structfx.errors import StructfxError
 from structfx.passes.recording import evaluation_mode
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output: name, shape (None for the symbolic batch), dtype name."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: str
-
-    def describe(self) -> str:
-        dims = ", ".join("batch" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: ({dims}) {self.dtype}"
-
+from structfx.runtime.signature import TensorSpec
 
 #: A symbolic batch is exported as ROW_MULTIPLE * q, so every kernel's row tiles divide it and need no
 #: remainder loops; the compiled model pads other batch sizes (repeating the last row) and slices.

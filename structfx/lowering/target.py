@@ -7,10 +7,7 @@ import platform
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Target, codegen
-
-#: Base x86 features whose absence must be told to LLVM: a CPU name alone (e.g. "znver4" on a virtual
-#: machine that hides AVX-512) would let LLVM emit instructions the host cannot run.
-_X86_FEATURES = ("avx512f", "avx2", "fma", "avx")
+from structfx.runtime.host import X86_FEATURES, cpu_flags
 
 
 def host_target() -> Target:
@@ -23,7 +20,7 @@ def host_target() -> Target:
     ):
         return Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})
     spec = {"kind": "llvm", "mtriple": f"{machine}-linux-gnu", "mcpu": cpu, "num-cores": _cores()}
-    missing = [f"-{f}" for f in _X86_FEATURES if machine == "x86_64" and f not in _cpu_flags()]
+    missing = [f"-{f}" for f in X86_FEATURES if machine == "x86_64" and f not in cpu_flags()]
     if missing:
         spec["mattr"] = missing
     return Target(spec)
@@ -31,17 +28,6 @@ def host_target() -> Target:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set(_X86_FEATURES)  # unknown: trust LLVM's view of the CPU
 
 
 def resolve_target(target: object = None) -> Target:

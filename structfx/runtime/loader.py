@@ -1,0 +1,104 @@
+"""Load and run a saved artifact with the TVM runtime and numpy alone (no torch, no structfx compiler)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from structfx.errors import StructfxError
+from structfx.runtime.artifact import KERNELS, WEIGHTS, read_verified_manifest
+from structfx.runtime.host import X86_FEATURES, cpu_flags
+from structfx.runtime.signature import TensorSpec, check_inputs, padded_rows
+
+
+class Runtime:
+    """A loaded artifact: call it with numpy arrays (or torch tensors, through DLPack); numpy comes back
+    (torch tensors for torch inputs). Several outputs come back as a tuple, in the model's output order."""
+
+    def __init__(self, directory: Path, manifest: dict, vm, params: list, device) -> None:
+        self.directory, self.manifest, self._vm, self._params, self._device = directory, manifest, vm, params, device
+        self.inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
+        self.outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
+        self.row_multiple = manifest.get("row_multiple")
+
+    def __call__(self, *args):
+        import tvm
+
+        torch_in = any(type(a).__module__.startswith("torch") for a in args)
+        arrays = [_as_numpy(a) for a in args]
+        check_inputs(self.inputs, [None if a is None else (tuple(a.shape), str(a.dtype)) for a in arrays])
+        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
+        values = [tvm.runtime.tensor(_pad_rows(a, self.row_multiple), self._device) for a in arrays]
+        if self.row_multiple is not None:
+            values.append(tvm.runtime.ShapeTuple([padded_rows(rows, self.row_multiple) // self.row_multiple]))
+        result = self._vm["main"](*values, *self._params)
+        leaves = [result] if hasattr(result, "numpy") else list(result)
+        outputs = [
+            leaf.numpy()[:rows] if spec.shape and spec.shape[0] is None else leaf.numpy()
+            for leaf, spec in zip(leaves, self.outputs)
+        ]
+        if torch_in:
+            import torch
+
+            outputs = [torch.from_numpy(o) for o in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def load(directory: str | Path, device: str = "cpu") -> Runtime:
+    """Check the artifact (manifest digest, format version, sha256 of every file) BEFORE loading its
+    native code, check that this machine can run its target, then load it."""
+    root = Path(directory)
+    manifest = read_verified_manifest(root)
+    _check_runnable(manifest["target"], device)
+    import tvm
+    from safetensors.numpy import load_file
+
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    weights = load_file(str(root / WEIGHTS))
+    params = [tvm.runtime.tensor(weights[name], dev) for name in manifest["params"]]
+    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(root / KERNELS)), dev)
+    return Runtime(root, manifest, vm, params, dev)
+
+
+def _check_runnable(target: dict, device: str) -> None:
+    kind = target.get("kind")
+    if device not in ("cpu", "cuda"):
+        raise StructfxError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    if (kind == "cuda") != (device == "cuda"):
+        wanted = "cuda" if kind == "cuda" else "cpu"
+        raise StructfxError(f"this artifact was built for {kind}; load it with device={wanted!r}")
+    if kind == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise StructfxError("this artifact was built for cuda and no CUDA GPU is present on this machine")
+        return
+    triple = target.get("mtriple", "")
+    machine = platform.machine()
+    if triple and not triple.startswith(machine):
+        raise StructfxError(f"this artifact was built for {triple}; this machine is {machine}")
+    disabled = {f.lstrip("-") for f in target.get("mattr", []) if f.startswith("-")}
+    if machine == "x86_64" and target.get("mcpu"):
+        missing = [f for f in X86_FEATURES if f not in disabled and f not in cpu_flags()]
+        if missing:
+            raise StructfxError(
+                f"this artifact was built for {target['mcpu']} and uses {', '.join(missing)}, which this CPU lacks; "
+                f"compile it again on (or for) this machine"
+            )
+
+
+def _as_numpy(value):
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "__dlpack__"):  # a torch tensor (CPU): no copy
+        return np.from_dlpack(value.detach() if hasattr(value, "detach") else value)
+    return None
+
+
+def _pad_rows(array: np.ndarray, multiple: int | None) -> np.ndarray:
+    rows = padded_rows(array.shape[0], multiple) if array.ndim else 0
+    if not array.ndim or rows == array.shape[0]:
+        return np.ascontiguousarray(array)
+    return np.concatenate([array, np.repeat(array[-1:], rows - array.shape[0], axis=0)])
