@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+import runpy
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Structured replacements for PyTorch layers, compiled with TVM.", no_args_is_help=True)
+from structfx.errors import StructfxError
+
+app = typer.Typer(help="Structured replacements for PyTorch layers, compiled with TVM.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def user_errors(command):
+    """Turn a StructfxError into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except StructfxError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return run
 
 
 @app.callback()
@@ -16,11 +39,114 @@ def main() -> None:
 
 
 @app.command()
+@user_errors
 def demo(
-    out: Annotated[Path, typer.Option(help="where the plot goes")] = Path("out"),
+    out: Annotated[Path, typer.Option(help="where the plot and the compiled artifact go")] = Path("out"),
     epochs: Annotated[int, typer.Option(min=1, help="training epochs per model")] = 30,
 ) -> None:
-    """Train digits classifiers with dense and structured layers and compare them (built-in data)."""
+    """Train digits classifiers with dense and structured layers, compress one, compile and deploy it."""
     from structfx import demo as job
 
     job.run(out, epochs=epochs)
+
+
+def load_builder(spec: str):
+    """``path/to/module.py:build`` -> what ``build()`` returns: (model, example_inputs)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise StructfxError(f"{spec!r} is not MODULE.py:FUNCTION, e.g. examples/models.py:build")
+    if not Path(path).is_file():
+        raise StructfxError(f"{path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    build = getattr(module, name, None)
+    if not callable(build):
+        raise StructfxError(f"{path} has no function {name!r}")
+    built = build()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise StructfxError(f"{spec} must return (model, example_inputs), got {type(built).__name__}")
+    return built
+
+
+@app.command("compile")
+@user_errors
+def compile_command(
+    builder: Annotated[str, typer.Argument(help="MODULE.py:FUNCTION returning (model, example_inputs)")],
+    out: Annotated[Path, typer.Option(help="artifact directory to write")],
+    rules: Annotated[str, typer.Option(help="e.g. 'btt:rank=1,maxplus:k=2'; '' compiles the model as it is")] = "",
+    target: Annotated[str, typer.Option(help="'llvm' (this CPU) or 'cuda', 'cuda -arch=sm_90'")] = "llvm",
+    database: Annotated[Path | None, typer.Option(help="a tuning database from 'structfx tune'")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing artifact directory")] = False,
+) -> None:
+    """Transform (optional), compile and save a model as a deployable artifact."""
+    import structfx as sfx
+    from structfx.passes.rules.spec import parse_rules
+
+    model, example = load_builder(builder)
+    if rules:
+        model = sfx.transform(model, parse_rules(rules), example_inputs=example)
+        typer.echo(sfx.report(model).to_markdown())
+    compiled = sfx.compile(model, example, target=target, database=database)
+    typer.echo(f"saved {compiled.save(out, overwrite=overwrite)}")
+
+
+@app.command()
+@user_errors
+def inspect(directory: Annotated[Path, typer.Argument(help="an artifact directory")]) -> None:
+    """Show an artifact's manifest: versions, target, signature, kernels, files and sizes."""
+    from structfx.runtime.artifact import read_verified_manifest
+    from structfx.runtime.signature import TensorSpec
+
+    manifest = read_verified_manifest(directory)
+    target = manifest["target"]
+    typer.echo(f"format {manifest['format_version']}, structfx {manifest['structfx_version']}, "
+               f"tvm {manifest['tvm_version']}")
+    typer.echo("target: " + json.dumps({k: v for k, v in target.items() if k not in ("tag", "keys")}))
+    for kind in ("inputs", "outputs"):
+        for spec in manifest[kind]:
+            typer.echo(f"{kind[:-1]}: {TensorSpec.from_dict(spec).describe()}")
+    typer.echo(f"kernels: {', '.join(manifest['kernels']) or '(TVM defaults only)'}")
+    for name in manifest["files"]:
+        typer.echo(f"file: {name} {Path(directory, name).stat().st_size:,} bytes (sha256 ok)")
+
+
+@app.command()
+@user_errors
+def run(
+    directory: Annotated[Path, typer.Argument(help="an artifact directory")],
+    input: Annotated[list[Path], typer.Option(help="a .npy file per model input, in order")],
+    output: Annotated[Path | None, typer.Option(help="where to save the (first) output as .npy")] = None,
+) -> None:
+    """Run an artifact on .npy inputs with the TVM runtime alone."""
+    import numpy as np
+
+    from structfx.runtime import load
+
+    arrays = []
+    for path in input:
+        if not path.is_file():
+            raise StructfxError(f"input {path} does not exist")
+        arrays.append(np.load(path, allow_pickle=False))
+    result = load(directory)(*arrays)
+    outputs = result if isinstance(result, tuple) else (result,)
+    for i, value in enumerate(outputs):
+        typer.echo(f"output{i}: shape {tuple(value.shape)} {value.dtype}, mean {float(value.mean()):.6g}")
+    if output is not None:
+        np.save(output, outputs[0])
+        typer.echo(f"saved {output}")
+
+
+@app.command()
+@user_errors
+def bench(
+    name: Annotated[str, typer.Argument(help="which benchmark: layers or compile")] = "layers",
+    extra: Annotated[list[str] | None, typer.Argument(help="arguments passed on to the script")] = None,
+) -> None:
+    """Run one of benchmarks/ and print its tables (results for this machine: benchmarks/README.md)."""
+    script = BENCHMARKS / f"bench_{name}.py"
+    if not script.is_file():
+        available = sorted(p.stem.removeprefix("bench_") for p in BENCHMARKS.glob("bench_*.py"))
+        raise StructfxError(f"no benchmark {name!r} in {BENCHMARKS}; available: {', '.join(available) or 'none'}")
+    sys.argv = [str(script), *(extra or [])]
+    runpy.run_path(str(script), run_name="__main__")

@@ -18,6 +18,8 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     inputs of the compiled function), so one build serves any weights of the same shapes."""
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     tvm_target = resolve_target(target)
+    if database is not None:
+        raise StructfxError("tuning databases are not supported yet: compile without database=")
     program, symbolic_batch = export_for_compile(model, args)
     mod, params = lower_to_relax(program, tvm_target)
     if symbolic_batch:

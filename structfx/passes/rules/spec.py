@@ -1,0 +1,49 @@
+"""Rules from a command-line string: ``"btt:rank=1,maxplus:k=2"`` (rules by comma, fields by colon)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from structfx.errors import StructfxError
+from structfx.passes.rules.base import Rule
+from structfx.passes.rules.btt import BTT
+from structfx.passes.rules.maxplus import MaxPlus
+from structfx.passes.rules.maxplus_pool import MaxPlusPool
+from structfx.passes.rules.spm import SPM
+
+NAMES: dict[str, type[Rule]] = {"btt": BTT, "spm": SPM, "maxplus": MaxPlus, "maxplus_pool": MaxPlusPool}
+
+
+def parse_rules(text: str) -> list[Rule]:
+    rules = [_parse_one(part.strip()) for part in text.split(",") if part.strip()]
+    if not rules:
+        raise StructfxError(f"no rules in {text!r}; e.g. 'btt:rank=1,maxplus:k=2'")
+    return rules
+
+
+def _parse_one(text: str) -> Rule:
+    name, *assignments = text.split(":")
+    rule_type = NAMES.get(name.lower())
+    if rule_type is None:
+        raise StructfxError(f"unknown rule {name!r}; use one of: {', '.join(NAMES)}")
+    fields = {f.name: f for f in dataclasses.fields(rule_type)}
+    hints = typing.get_type_hints(rule_type)
+    values = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or key not in fields:
+            raise StructfxError(f"{name}: {assignment!r} is not FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        values[key] = _convert(raw, hints[key], f"{name}:{key}")
+    return rule_type(**values)
+
+
+def _convert(raw: str, hint, where: str):
+    if raw.lower() == "none" and type(None) in typing.get_args(hint):
+        return None
+    if hint is int or int in typing.get_args(hint):
+        try:
+            return int(raw)
+        except ValueError:
+            raise StructfxError(f"{where}={raw!r} must be an integer") from None
+    return raw
