@@ -45,7 +45,7 @@ class CompiledModel:
         rows = args[0].shape[0] if args and args[0].dim() > 0 else None
         if self.row_multiple is not None:
             args = pad_rows(args, self.row_multiple)
-        values = [tvm.runtime.from_dlpack(a.detach().contiguous()) for a in args]
+        values = [self._to_device(a) for a in args]
         if self.row_multiple is not None:
             values.append(tvm.runtime.ShapeTuple([args[0].shape[0] // self.row_multiple]))
         result = vm["main"](*values, *params)
@@ -55,12 +55,31 @@ class CompiledModel:
         ]
         return torch.utils._pytree.tree_unflatten(leaves, self.out_spec)
 
+    def _to_device(self, tensor: Tensor):
+        """The tensor as a TVM array on the build's device: shared through DLPack where it already is."""
+        tensor = tensor.detach().contiguous()
+        if tensor.device.type == self.target.kind.name.replace("llvm", "cpu"):
+            return tvm.runtime.from_dlpack(tensor)
+        return tvm.runtime.tensor(tensor.numpy(), self.device)
+
     def check_inputs(self, args: tuple) -> None:
-        if any(isinstance(a, Tensor) and a.device.type != "cpu" for a in args):
-            raise StructfxError("inputs must be CPU tensors: the compiled model moves them to its device itself")
+        allowed = {"cpu", "cuda"} if self.target.kind.name == "cuda" else {"cpu"}
+        if any(isinstance(a, Tensor) and a.device.type not in allowed for a in args):
+            devices = " or ".join(sorted(allowed))
+            raise StructfxError(f"inputs must be on {devices} for this {self.target.kind.name} build")
         check_inputs(self.inputs, [
             (tuple(a.shape), str(a.dtype).removeprefix("torch.")) if isinstance(a, Tensor) else None for a in args
         ])
+
+    def device_source(self) -> str:
+        """The generated device code of a cuda build (CUDA C), to see what the schedules produced."""
+        pending = [self.executable.mod]
+        while pending:
+            module = pending.pop()
+            if module.kind == "cuda":
+                return module.inspect_source()
+            pending.extend(module.imports)
+        raise StructfxError(f"this is a {self.target.kind.name} build: only cuda builds carry device source")
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """One directory: kernels (.so), weights (safetensors), manifest.json (see structfx.runtime)."""

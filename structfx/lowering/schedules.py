@@ -28,12 +28,17 @@ class GenericCPU(ScheduleRule):
         return sch
 
 
-def cpu_rules() -> list[ScheduleRule]:
-    from structfx.lowering.ops.btt import BTTCPU
-    from structfx.lowering.ops.maxplus import MaxPlusCPU
-    from structfx.lowering.ops.maxplus_pool import MaxPlusPoolCPU
-    from structfx.lowering.ops.spm import SPMCPU, SPMCoefficientsCPU
+def rules_for(target: Target) -> list[ScheduleRule]:
+    """Our ops' rules for the target's kind, then the rules for everything else."""
+    from structfx.lowering.ops.btt import BTTCPU, BTTCUDA
+    from structfx.lowering.ops.maxplus import MaxPlusCPU, MaxPlusCUDA
+    from structfx.lowering.ops.maxplus_pool import MaxPlusPoolCPU, MaxPlusPoolCUDA
+    from structfx.lowering.ops.spm import SPMCPU, SPMCUDA, SPMCoefficientsCPU
 
+    if target.kind.name == "cuda":
+        gpu = dlight.gpu
+        return [MaxPlusCUDA(), MaxPlusPoolCUDA(), SPMCUDA(), BTTCUDA(), gpu.Matmul(), gpu.GEMV(), gpu.Reduction(),
+                gpu.GeneralReduction(), gpu.Fallback()]
     return [MaxPlusCPU(), MaxPlusPoolCPU(), SPMCPU(), SPMCoefficientsCPU(), BTTCPU(), GenericCPU()]
 
 
@@ -43,4 +48,4 @@ def apply_schedules(mod, target: Target):
 
     with target:
         mod = relax.transform.LegalizeOps()(mod)
-        return dlight.ApplyDefaultSchedule(*cpu_rules())(mod)
+        return dlight.ApplyDefaultSchedule(*rules_for(target))(mod)

@@ -38,19 +38,22 @@ def resolve_target(target: object = None) -> Target:
         resolved = target
     elif isinstance(target, (str, dict)):
         try:
-            resolved = Target(_cuda_spec(target) if isinstance(target, str) and target.startswith("cuda") else target)
+            spec = _cuda_spec(target) if isinstance(target, str) and target.startswith("cuda") else target
+            resolved = Target(spec)
         except Exception as e:  # TVM's own parse errors are long C++ traces: keep the gist
             raise StructfxError(f"target {target!r} is not a TVM target: {str(e).splitlines()[0]}") from e
     else:
         raise StructfxError(f"target must be a string, a dict or a tvm Target, got {type(target).__name__}")
     if resolved.kind.name not in ("llvm", "cuda"):
         raise StructfxError(f"target kind {resolved.kind.name!r} is not supported; use 'llvm' (CPU) or 'cuda'")
+    if resolved.kind.name == "cuda" and resolved.host is None:
+        resolved = Target(resolved, host=host_target())  # the VM and shape code run on this CPU
     return resolved
 
 
 def _cuda_spec(text: str) -> dict:
-    """``"cuda -arch=sm_90"`` in the dict form this TVM takes."""
-    spec: dict = {"kind": "cuda"}
+    """``"cuda -arch=sm_90"`` in the dict form this TVM takes (sm_90 where no arch is given)."""
+    spec: dict = {"kind": "cuda", "arch": "sm_90"}
     for flag in text.split()[1:]:
         key, _, value = flag.lstrip("-").partition("=")
         spec[key] = value

@@ -122,3 +122,53 @@ def _register_tile(sch: Schedule, block, rows_loop, row_loop, column_loop, reduc
     sch.vectorize(column_loop)
     sch.unroll(row_loop)
     sch.decompose_reduction(block, reduction_loop)
+
+
+class BTTCUDA(ScheduleRule):
+    """Both contractions as thread-block tiles: a block owns GPU_ROWS rows and one input block (stage
+    1) or output block (stage 2); its threads own output columns. The operand all threads of a block
+    read (the rows' input block, or their stage-1 slice) is staged once in shared memory; each thread
+    accumulates its GPU_ROWS outputs in registers."""
+
+    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
+        if target.kind.name != "cuda":
+            return None
+        sch = Schedule(func)
+        stage1, stage2, out = (find_block(sch, name) for name in (STAGE1, STAGE2, OUT))
+        if None in (stage1, stage2, out):
+            return None
+        b, c, i1, i0 = sch.get_loops(stage1)
+        blocks, threads = _thread_tile(sch, b, i1, c)
+        sch.reorder(threads, i0)
+        sch.reverse_compute_at(sch.cache_write(stage1, 0, "local"), threads)
+        _stage_in_shared(sch, stage1, blocks)
+
+        b, j0, j1 = sch.get_loops(out)
+        blocks, threads = _thread_tile(sch, b, j0, j1)
+        sch.compute_at(stage2, threads)
+        sch.set_scope(stage2, 0, "local")
+        _stage_in_shared(sch, stage2, blocks)
+        return sch
+
+
+def _thread_tile(sch: Schedule, rows, group, columns):
+    """Blocks over (row tile, group, column tile), threads over columns, each thread over GPU_ROWS rows."""
+    row_outer, row_inner = sch.split(rows, [None, GPU_ROWS])
+    column_outer, column_inner = sch.split(columns, [None, GPU_THREADS])
+    sch.reorder(row_outer, group, column_outer, column_inner, row_inner)
+    blocks = sch.fuse(row_outer, group, column_outer)
+    sch.bind(blocks, "blockIdx.x")
+    sch.bind(column_inner, "threadIdx.x")
+    return blocks, column_inner
+
+
+def _stage_in_shared(sch: Schedule, block, blocks_loop) -> None:
+    """Copy the block's first operand into shared memory once per thread block, all threads helping."""
+    shared = sch.cache_read(block, 0, "shared")
+    sch.compute_at(shared, blocks_loop)
+    _, lanes = sch.split(sch.fuse(*sch.get_loops(shared)[1:]), [None, GPU_THREADS])
+    sch.bind(lanes, "threadIdx.x")
+
+
+GPU_ROWS = 8
+GPU_THREADS = 64

@@ -80,3 +80,27 @@ class MaxPlusCPU(ScheduleRule):
 
 def k_of(sch: Schedule, block) -> int:
     return int(sch.get(block).iter_vars[2].dom.extent)
+
+
+class MaxPlusCUDA(ScheduleRule):
+    """One thread per output (b, j), threads of a block along j (coalesced stores); the transposed tile
+    is inlined away and each thread keeps its running max in a register."""
+
+    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
+        if target.kind.name != "cuda":
+            return None
+        sch = Schedule(func)
+        tile, best, out = (find_block(sch, name) for name in (TILE, CANDIDATES, OUT))
+        if tile is None or best is None or out is None:
+            return None
+        sch.compute_inline(tile)
+        b, j = sch.get_loops(out)
+        blocks, threads = sch.split(sch.fuse(b, j), [None, THREADS])
+        sch.bind(blocks, "blockIdx.x")
+        sch.bind(threads, "threadIdx.x")
+        sch.compute_at(best, threads)
+        sch.set_scope(best, 0, "local")
+        return sch
+
+
+THREADS = 256

@@ -57,3 +57,20 @@ class MaxPlusPoolCPU(ScheduleRule):
         sch.parallel(sch.fuse(n, c, i))
         sch.decompose_reduction(pool, p)
         return sch
+
+
+class MaxPlusPoolCUDA(ScheduleRule):
+    """One thread per output element; the window max runs in the thread."""
+
+    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
+        if target.kind.name != "cuda":
+            return None
+        sch = Schedule(func)
+        pool = find_block(sch, POOL)
+        if pool is None:
+            return None
+        n, c, i, j, p, q = sch.get_loops(pool)
+        blocks, threads = sch.split(sch.fuse(n, c, i, j), [None, 256])
+        sch.bind(blocks, "blockIdx.x")
+        sch.bind(threads, "threadIdx.x")
+        return sch

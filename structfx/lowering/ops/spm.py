@@ -143,3 +143,34 @@ class SPMCoefficientsCPU(ScheduleRule):
         for block in blocks:
             sch.parallel(sch.get_loops(block)[0])
         return sch
+
+
+class SPMCUDA(ScheduleRule):
+    """One thread block per batch row, every stage in ONE kernel: the row's N coordinates live in shared
+    memory (dynamic, so buffers of stages that are done are reused), each stage is one pass of the
+    block's threads over the coordinates, with a barrier between stages."""
+
+    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
+        if target.kind.name != "cuda":
+            return None
+        sch = Schedule(func)
+        out, first = find_block(sch, OUTPUT), find_block(sch, INPUT)
+        if out is None or first is None:
+            return None
+        stages = []
+        while (block := find_block(sch, stage_name(len(stages)))) is not None:
+            stages.append(block)
+        b, j = sch.get_loops(out)
+        sch.bind(b, "blockIdx.x")
+        j_outer, j_inner = sch.split(j, [None, THREADS])
+        sch.bind(j_inner, "threadIdx.x")
+        for block in reversed([first, *stages]):
+            sch.compute_at(block, b)
+            sch.set_scope(block, 0, "shared.dyn")
+            i = sch.get_loops(block)[-1]
+            _, i_inner = sch.split(i, [None, THREADS])
+            sch.bind(i_inner, "threadIdx.x")
+        return sch
+
+
+THREADS = 256
