@@ -9,9 +9,10 @@ stores stay inside each row's block; each stage keeps a (rows x vectors) accumul
 
 from __future__ import annotations
 
-from structfx.lowering.compat import Schedule, ScheduleRule, Target, relax, te
+from structfx.lowering.compat import Schedule, Target, relax, te
 from structfx.lowering.converters import register_converter
 from structfx.lowering.ops.common import (
+    OpRule,
     as_rows,
     find_block,
     from_rows,
@@ -70,18 +71,15 @@ def convert_btt(node, importer, target: Target):
     return from_rows(importer, y, leading, out_features)
 
 
-class BTTCPU(ScheduleRule):
+class BTTCPU(OpRule):
     """Two parallel batched matmuls over tiles of ROW_TILE rows. Each keeps a (REGISTER_ROWS x VECTORS
     vectors) accumulator tile in registers and sweeps its row tile with one weight block in L1, so each
     weight load serves the whole tile. (Stage 1 computed inside stage 2's row tile was no faster here.)"""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "llvm":
-            return None
-        sch = Schedule(func)
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         stage1, stage2, out = (find_block(sch, name) for name in (STAGE1, STAGE2, OUT))
         if None in (stage1, stage2, out):
-            return None
+            return False
         lanes = vector_lanes(target)
         width1 = int(sch.get(stage1).iter_vars[1].dom.extent)
         n1 = int(sch.get(out).iter_vars[2].dom.extent)
@@ -112,7 +110,7 @@ class BTTCPU(ScheduleRule):
         first_reduction = r_s if r_s is not None else r_i1
         if first_reduction is not None:
             sch.decompose_reduction(stage2, first_reduction)
-        return sch
+        return True
 
 
 def _register_tile(sch: Schedule, block, rows_loop, row_loop, column_loop, reduction_loop) -> None:
@@ -124,19 +122,18 @@ def _register_tile(sch: Schedule, block, rows_loop, row_loop, column_loop, reduc
     sch.decompose_reduction(block, reduction_loop)
 
 
-class BTTCUDA(ScheduleRule):
+class BTTCUDA(OpRule):
     """Both contractions as thread-block tiles: a block owns GPU_ROWS rows and one input block (stage
     1) or output block (stage 2); its threads own output columns. The operand all threads of a block
     read (the rows' input block, or their stage-1 slice) is staged once in shared memory; each thread
     accumulates its GPU_ROWS outputs in registers."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "cuda":
-            return None
-        sch = Schedule(func)
+    target_kind = "cuda"
+
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         stage1, stage2, out = (find_block(sch, name) for name in (STAGE1, STAGE2, OUT))
         if None in (stage1, stage2, out):
-            return None
+            return False
         b, c, i1, i0 = sch.get_loops(stage1)
         blocks, threads = _thread_tile(sch, b, i1, c)
         sch.reorder(threads, i0)
@@ -148,7 +145,7 @@ class BTTCUDA(ScheduleRule):
         sch.compute_at(stage2, threads)
         sch.set_scope(stage2, 0, "local")
         _stage_in_shared(sch, stage2, blocks)
-        return sch
+        return True
 
 
 def _thread_tile(sch: Schedule, rows, group, columns):

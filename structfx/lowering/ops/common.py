@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import abc
 import functools
 import operator
 
-from structfx.lowering.compat import Schedule, Target, codegen, relax, tirx
+from structfx.lowering.compat import Schedule, ScheduleRule, Target, codegen, relax, tirx
 
 
 def vector_lanes(target: Target) -> int:
@@ -69,3 +70,21 @@ def find_block(sch: Schedule, name: str):
         return sch.get_sblock(name)
     except Exception:  # TVM raises its own ScheduleError subclasses, all "not here"
         return None
+
+
+class OpRule(ScheduleRule, abc.ABC):
+    """A dlight-style rule for one of our kernels on one kind of target. ``schedule`` works on a Schedule
+    it is given (MetaSchedule's own when tuning, with ``tunable=True``: knobs are then sampled) and
+    returns False where the function is not its kernel."""
+
+    target_kind = "llvm"
+
+    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
+        if target.kind.name != self.target_kind or not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = Schedule(func)
+        return sch if self.schedule(sch, target, tunable) else None
+
+    @abc.abstractmethod
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
+        """Schedule ``sch`` in place; False when its function is not this rule's kernel."""

@@ -9,9 +9,10 @@ elementwise max (``te.max(init=...)`` would drop it: tvm_notes.md). The batch is
 
 from __future__ import annotations
 
-from structfx.lowering.compat import Schedule, ScheduleRule, Target, te
+from structfx.lowering.compat import Schedule, Target, te
 from structfx.lowering.converters import register_converter
 from structfx.lowering.ops.common import (
+    OpRule,
     as_rows,
     clamp,
     find_block,
@@ -47,17 +48,14 @@ def convert_maxplus(node, importer, target: Target):
     return from_rows(importer, y, leading, importer.shape_of(idx)[0])
 
 
-class MaxPlusCPU(ScheduleRule):
+class MaxPlusCPU(OpRule):
     """Parallel over row tiles; per tile the input transpose, the candidates of each block of outputs
     and their transpose back run on cache-resident scratch buffers."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "llvm":
-            return None
-        sch = Schedule(func)
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         tile, best, out = (find_block(sch, name) for name in (TILE, CANDIDATES, OUT))
         if tile is None or best is None or out is None:
-            return None
+            return False
         lanes = vector_lanes(target)
         n_out = int(sch.get(out).iter_vars[1].dom.extent)
         b, j = sch.get_loops(out)
@@ -75,24 +73,23 @@ class MaxPlusCPU(ScheduleRule):
             sch.decompose_reduction(best, t_best)
         sch.compute_at(tile, b_outer)
         sch.vectorize(sch.get_loops(tile)[-1])
-        return sch
+        return True
 
 
 def k_of(sch: Schedule, block) -> int:
     return int(sch.get(block).iter_vars[2].dom.extent)
 
 
-class MaxPlusCUDA(ScheduleRule):
+class MaxPlusCUDA(OpRule):
     """One thread per output (b, j), threads of a block along j (coalesced stores); the transposed tile
     is inlined away and each thread keeps its running max in a register."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "cuda":
-            return None
-        sch = Schedule(func)
+    target_kind = "cuda"
+
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         tile, best, out = (find_block(sch, name) for name in (TILE, CANDIDATES, OUT))
         if tile is None or best is None or out is None:
-            return None
+            return False
         sch.compute_inline(tile)
         b, j = sch.get_loops(out)
         blocks, threads = sch.split(sch.fuse(b, j), [None, THREADS])
@@ -100,7 +97,7 @@ class MaxPlusCUDA(ScheduleRule):
         sch.bind(threads, "threadIdx.x")
         sch.compute_at(best, threads)
         sch.set_scope(best, 0, "local")
-        return sch
+        return True
 
 
 THREADS = 256

@@ -4,9 +4,9 @@ padded positions -inf (never winning), the same output size rule as ``nn.MaxPool
 from __future__ import annotations
 
 from structfx.errors import StructfxError
-from structfx.lowering.compat import Schedule, ScheduleRule, Target, te, tirx
+from structfx.lowering.compat import Schedule, Target, te, tirx
 from structfx.lowering.converters import register_converter
-from structfx.lowering.ops.common import find_block
+from structfx.lowering.ops.common import OpRule, find_block
 from structfx.nn.maxplus_pool import pooled_size
 
 POOL = "structfx_maxplus_pool2d"
@@ -42,35 +42,31 @@ def convert_maxplus_pool(node, importer, target: Target):
     )
 
 
-class MaxPlusPoolCPU(ScheduleRule):
+class MaxPlusPoolCPU(OpRule):
     """Parallel over (image, channel, output row); the window max runs over each output row."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "llvm":
-            return None
-        sch = Schedule(func)
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         pool = find_block(sch, POOL)
         if pool is None:
-            return None
+            return False
         n, c, i, j, p, q = sch.get_loops(pool)
         sch.reorder(n, c, i, p, q, j)
         sch.parallel(sch.fuse(n, c, i))
         sch.decompose_reduction(pool, p)
-        return sch
+        return True
 
 
-class MaxPlusPoolCUDA(ScheduleRule):
+class MaxPlusPoolCUDA(OpRule):
     """One thread per output element; the window max runs in the thread."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "cuda":
-            return None
-        sch = Schedule(func)
+    target_kind = "cuda"
+
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         pool = find_block(sch, POOL)
         if pool is None:
-            return None
+            return False
         n, c, i, j, p, q = sch.get_loops(pool)
         blocks, threads = sch.split(sch.fuse(n, c, i, j), [None, 256])
         sch.bind(blocks, "blockIdx.x")
         sch.bind(threads, "threadIdx.x")
-        return sch
+        return True

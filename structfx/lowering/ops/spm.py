@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from structfx.lowering.compat import Schedule, ScheduleRule, Target, relax, te, tirx
+from structfx.lowering.compat import Schedule, Target, relax, te, tirx
 from structfx.lowering.converters import register_converter
-from structfx.lowering.ops.common import as_rows, clamp, find_block, from_rows, present, split_exact, vector_lanes
+from structfx.lowering.ops.common import (
+    OpRule,
+    as_rows,
+    clamp,
+    find_block,
+    from_rows,
+    present,
+    split_exact,
+    vector_lanes,
+)
 from structfx.nn.spm_pairing import stage_permutations
 
 INPUT, OUTPUT, COEFFICIENTS = "structfx_spm_in", "structfx_spm_out", "structfx_spm_coefficients"
@@ -102,17 +111,14 @@ def convert_spm(node, importer, target: Target):
     return from_rows(importer, y, leading, out_features)
 
 
-class SPMCPU(ScheduleRule):
+class SPMCPU(OpRule):
     """Parallel over row tiles; the input transpose, every stage and the output transpose of one tile
     run back to back on (N, lanes) scratch buffers (not L passes of the whole tensor through memory)."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "llvm":
-            return None
-        sch = Schedule(func)
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         out, first = find_block(sch, OUTPUT), find_block(sch, INPUT)
         if out is None or first is None:
-            return None
+            return False
         stages = []
         while (block := find_block(sch, stage_name(len(stages)))) is not None:
             stages.append(block)
@@ -127,36 +133,32 @@ class SPMCPU(ScheduleRule):
         for block in reversed([first, *stages]):
             sch.compute_at(block, b_outer)
             sch.vectorize(sch.get_loops(block)[-1])
-        return sch
+        return True
 
 
-class SPMCoefficientsCPU(ScheduleRule):
+class SPMCoefficientsCPU(OpRule):
     """The small per-call coefficient kernel: (L, N) elements, parallel over stages."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "llvm":
-            return None
-        sch = Schedule(func)
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         blocks = [find_block(sch, COEFFICIENTS), find_block(sch, COEFFICIENTS + "_other")]
         if None in blocks:
-            return None
+            return False
         for block in blocks:
             sch.parallel(sch.get_loops(block)[0])
-        return sch
+        return True
 
 
-class SPMCUDA(ScheduleRule):
+class SPMCUDA(OpRule):
     """One thread block per batch row, every stage in ONE kernel: the row's N coordinates live in shared
     memory (dynamic, so buffers of stages that are done are reused), each stage is one pass of the
     block's threads over the coordinates, with a barrier between stages."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "cuda":
-            return None
-        sch = Schedule(func)
+    target_kind = "cuda"
+
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         out, first = find_block(sch, OUTPUT), find_block(sch, INPUT)
         if out is None or first is None:
-            return None
+            return False
         stages = []
         while (block := find_block(sch, stage_name(len(stages)))) is not None:
             stages.append(block)
@@ -170,7 +172,7 @@ class SPMCUDA(ScheduleRule):
             i = sch.get_loops(block)[-1]
             _, i_inner = sch.split(i, [None, THREADS])
             sch.bind(i_inner, "threadIdx.x")
-        return sch
+        return True
 
 
 THREADS = 256
