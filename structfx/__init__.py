@@ -25,6 +25,7 @@ _EXPORTS = {
     "transform": "structfx.passes",
     "CompiledModel": "structfx.lowering",
     "compile": "structfx.lowering",
+    "tune": "structfx.lowering",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -93,6 +93,32 @@ def compile_command(
 
 @app.command()
 @user_errors
+def tune(
+    builder: Annotated[str, typer.Argument(help="MODULE.py:FUNCTION returning (model, example_inputs)")],
+    database: Annotated[Path, typer.Option(help="tuning database directory (made, or continued)")],
+    trials: Annotated[int, typer.Option(min=1, help="measurements per kernel, the hand schedule's included")] = 64,
+    target: Annotated[str, typer.Option(help="'llvm' (this CPU) or 'cuda'")] = "llvm",
+    rules: Annotated[str, typer.Option(help="transform first, e.g. 'btt:rank=1,maxplus:k=2'")] = "",
+    rpc: Annotated[str | None, typer.Option(help="TVM RPC tracker HOST:PORT to measure on")] = None,
+    key: Annotated[str | None, typer.Option(help="the RPC servers' key at the tracker")] = None,
+) -> None:
+    """Tune the model's kernels with MetaSchedule; run it again to continue, Ctrl-C keeps what was measured."""
+    import structfx as sfx
+    from structfx.passes.rules.spec import parse_rules
+
+    model, example = load_builder(builder)
+    if rules:
+        model = sfx.transform(model, parse_rules(rules), example_inputs=example)
+    try:
+        sfx.tune(model, example, target=target, trials=trials, database=database, rpc=rpc, key=key)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: every finished measurement is kept in {database}; run again to continue", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"tuned: compile with --database {database}")
+
+
+@app.command()
+@user_errors
 def inspect(directory: Annotated[Path, typer.Argument(help="an artifact directory")]) -> None:
     """Show an artifact's manifest: versions, target, signature, kernels, files and sizes."""
     from structfx.runtime.artifact import read_verified_manifest

@@ -2,5 +2,6 @@
 
 from structfx.lowering.build import compile
 from structfx.lowering.compiled import CompiledModel
+from structfx.lowering.tuning import tune
 
-__all__ = ["CompiledModel", "compile"]
+__all__ = ["CompiledModel", "compile", "tune"]

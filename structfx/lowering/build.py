@@ -15,15 +15,18 @@ from structfx.lowering.target import resolve_target
 
 def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, database=None) -> CompiledModel:
     """Compile ``model`` for ``target`` (default: this CPU). Weights stay out of the kernels (they are
-    inputs of the compiled function), so one build serves any weights of the same shapes."""
+    inputs of the compiled function), so one build serves any weights of the same shapes. With
+    ``database`` (from ``structfx.tune``), each kernel of ours takes its best tuned schedule."""
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     tvm_target = resolve_target(target)
-    if database is not None:
-        raise StructfxError("tuning databases are not supported yet: compile without database=")
     program, symbolic_batch = export_for_compile(model, args)
     mod, params = lower_to_relax(program, tvm_target)
     if symbolic_batch:
         mod = define_row_tiles(mod)
+    if database is not None:
+        from structfx.lowering.tuning import apply_database
+
+        mod = apply_database(mod, tvm_target, database)
     mod = apply_schedules(mod, tvm_target)
     kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint.startswith("structfx_"))
     executable = tvm.compile(mod, target=tvm_target)

@@ -6,14 +6,17 @@ apache-tvm 0.27 renamed ``tvm.tir`` to ``tvm.tirx`` and moved schedules, dlight 
 
 import tvm
 from tvm import relax, te, tirx
+from tvm.ir.utils import derived_object
 from tvm.relax.frontend import detach_params
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.s_tir import Schedule, dlight, meta_schedule
 from tvm.s_tir.dlight import ScheduleRule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.support.tar import tar
 from tvm.target import Target, codegen
 
 __all__ = [
-    "Schedule", "ScheduleRule", "Target", "codegen", "detach_params", "dlight", "from_exported_program",
-    "meta_schedule", "normalize_prim_func", "relax", "te", "tirx", "tvm",
+    "Schedule", "ScheduleRule", "Target", "codegen", "derived_object", "detach_params", "dlight",
+    "from_exported_program",
+    "meta_schedule", "normalize_prim_func", "relax", "tar", "te", "tirx", "tvm",
 ]

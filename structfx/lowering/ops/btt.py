@@ -16,9 +16,11 @@ from structfx.lowering.ops.common import (
     as_rows,
     find_block,
     from_rows,
+    knob,
     named_loops,
     present,
-    split_exact,
+    split_tile,
+    value,
     vector_lanes,
 )
 
@@ -85,23 +87,25 @@ class BTTCPU(OpRule):
         n1 = int(sch.get(out).iter_vars[2].dom.extent)
         rank, m1 = (int(sch.get(stage2).iter_vars[i].dom.extent) for i in (3, 4))
 
+        vectors = [lanes, 2 * lanes, 4 * lanes]
         b, c, i1, i0 = sch.get_loops(stage1)
-        b_outer, b_mid, b_inner = sch.split(b, [None, ROW_TILE // REGISTER_ROWS, REGISTER_ROWS])
-        c_outer, c_inner = split_exact(sch, c, width1, VECTORS * lanes)
+        b_outer, b_mid, b_inner = sch.split(b, [None, *self._row_tile(sch, tunable)])
+        c_outer, c_inner = split_tile(sch, c, width1, knob(sch, VECTORS * lanes, vectors, tunable, extent=width1))
         sch.reorder(b_outer, i1, *present(c_outer), b_mid, i0, b_inner, c_inner)
         sch.parallel(b_outer)  # not fused with i1: threads would share the cache lines of z's rows
         _register_tile(sch, stage1, b_mid, b_inner, c_inner, i0)
 
         b, j0, j1 = sch.get_loops(out)
-        b_outer, b_mid, b_inner = sch.split(b, [None, ROW_TILE // REGISTER_ROWS, REGISTER_ROWS])
-        j1_outer, j1_inner = split_exact(sch, j1, n1, VECTORS * lanes)
+        rows = self._row_tile(sch, tunable)
+        b_outer, b_mid, b_inner = sch.split(b, [None, *rows])
+        j1_outer, j1_inner = split_tile(sch, j1, n1, knob(sch, VECTORS * lanes, vectors, tunable, extent=n1))
         sch.reorder(b_outer, j0, *present(j1_outer), b_mid, b_inner, j1_inner)
         sch.parallel(sch.fuse(b_outer, j0))
         sch.vectorize(j1_inner)
         sch.compute_at(stage2, b_mid)
         columns = n1 if j1_outer is None else int(sch.get(j1_inner).extent)
         r_b, r_j1, r_s, r_i1 = named_loops(
-            sch, stage2, [("b", REGISTER_ROWS), ("j1", columns), ("s", rank), ("i1", m1)]
+            sch, stage2, [("b", value(sch, rows[1])), ("j1", columns), ("s", rank), ("i1", m1)]
         )
         sch.reorder(*present(r_s, r_i1, r_b, r_j1))
         if r_j1 is not None:
@@ -112,6 +116,11 @@ class BTTCPU(OpRule):
             sch.decompose_reduction(stage2, first_reduction)
         return True
 
+    @staticmethod
+    def _row_tile(sch: Schedule, tunable: bool) -> list:
+        """(register tiles per task, rows per register tile)."""
+        rows = knob(sch, REGISTER_ROWS, [2, 4], tunable)
+        return [knob(sch, ROW_TILE // REGISTER_ROWS, [4, 8, 16], tunable), rows]
 
 def _register_tile(sch: Schedule, block, rows_loop, row_loop, column_loop, reduction_loop) -> None:
     """Accumulate a (rows x vector columns) tile in registers under ``rows_loop``, then store it."""

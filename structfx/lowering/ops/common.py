@@ -35,6 +35,27 @@ def split_exact(sch: Schedule, loop, extent: int, preferred: int):
     return sch.split(loop, [None, factor])
 
 
+def knob(sch: Schedule, default: int, candidates: list[int], tunable: bool, extent: int | None = None):
+    """A tile size: ``default`` (an int) for the hand schedule; when tuning, a sampled choice among the
+    candidates (those that tile ``extent`` into at least two pieces, where it is known)."""
+    fitting = [c for c in candidates if extent is None or (1 < c < extent and extent % c == 0)]
+    if not tunable or len(fitting) < 2:
+        return default
+    return sch.sample_categorical(fitting, [1.0 / len(fitting)] * len(fitting))
+
+
+def value(sch: Schedule, knob_value) -> int:
+    """The int a knob has in this schedule (its sampled value when tuning)."""
+    return knob_value if isinstance(knob_value, int) else int(sch.get(knob_value))
+
+
+def split_tile(sch: Schedule, loop, extent: int, factor):
+    """Split by a knob: a sampled factor as it is, a fixed one as split_exact does."""
+    if isinstance(factor, int):
+        return split_exact(sch, loop, extent, factor)
+    return sch.split(loop, [None, factor])
+
+
 def present(*loops) -> list:
     return [loop for loop in loops if loop is not None]
 

@@ -17,9 +17,10 @@ from structfx.lowering.ops.common import (
     clamp,
     find_block,
     from_rows,
+    knob,
     named_loops,
     present,
-    split_exact,
+    split_tile,
     vector_lanes,
 )
 
@@ -60,7 +61,8 @@ class MaxPlusCPU(OpRule):
         n_out = int(sch.get(out).iter_vars[1].dom.extent)
         b, j = sch.get_loops(out)
         b_outer, b_inner = sch.split(b, [None, lanes])
-        j_outer, j_inner = split_exact(sch, j, n_out, OUT_COLUMNS)
+        columns = knob(sch, OUT_COLUMNS, [4, 8, 16, 32], tunable, extent=n_out)
+        j_outer, j_inner = split_tile(sch, j, n_out, columns)
         sch.reorder(b_outer, *present(j_outer), b_inner, j_inner)
         sch.parallel(b_outer)
         sch.vectorize(j_inner)
