@@ -34,10 +34,6 @@ def ops_per_row(module: nn.Module) -> int:
     return 0
 
 
-def ops_per_row_for_relu(features: int) -> int:
-    return features
-
-
 def _area(kernel) -> int:
     return kernel * kernel if isinstance(kernel, int) else kernel[0] * kernel[1]
 

@@ -1,0 +1,68 @@
+"""Hand schedules against MetaSchedule-tuned ones (issue: tune), B = 256, d = 4096, fp32.
+
+For BTT rank 1, SPM and SparseMaxPlus k=2: the hand schedule's time, the best after 64 and after all
+trials (default 256; read from the records in the order they were measured, so one run gives both),
+the time spent tuning, and the compiled model with the database against the one without, timed in
+interleaved rounds (the compiler must keep the hand schedule where tuning found nothing better).
+
+    python benchmarks/bench_tune.py [--trials 256] [--d 4096] [--database-root out/bench_tune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import structfx as sfx
+from structfx.measure import interleaved_medians
+from structfx.nn import BTTLinear, SparseMaxPlus, SPMLinear
+
+BATCH = 256
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=256)
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--database-root", type=Path, default=Path("out/bench_tune"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    d = args.d
+    ops = {
+        "BTT r=1": BTTLinear(d, d, 1),
+        "SPM orthogonal": SPMLinear(d, d),
+        "SparseMaxPlus k=2": SparseMaxPlus(d, d, 2),
+    }
+    checkpoint = min(64, args.trials)
+    print(f"d = {d}, B = {BATCH}, fp32, 2 threads; kernel times as MetaSchedule measured them\n")
+    print(f"| op | hand ms | tuned @{checkpoint} ms | tuned @{args.trials} ms | tuning s | compiled: tuned vs hand |")
+    print("|---|---|---|---|---|---|")
+    for name, layer in ops.items():
+        model = nn.Sequential(layer).eval()
+        x = torch.randn(BATCH, d)
+        database = args.database_root / name.replace(" ", "_").replace("=", "")
+        shutil.rmtree(database, ignore_errors=True)
+        start = time.perf_counter()
+        sfx.tune(model, x, trials=args.trials, database=database)
+        spent = time.perf_counter() - start
+        records = [json.loads(line) for line in (database / "records.jsonl").read_text().splitlines()]
+        hand = next(r["seconds"] for r in records if r["hand"])
+        early = min(r["seconds"] for r in records[:checkpoint])
+        best = min(r["seconds"] for r in records)
+        tuned, plain = sfx.compile(model, x, database=database), sfx.compile(model, x)
+        with torch.no_grad():
+            times = interleaved_medians({"tuned": lambda: tuned(x), "hand": lambda: plain(x)}, rounds=15)
+        print(f"| {name} | {hand * 1e3:.3f} | {early * 1e3:.3f} ({hand / early:.2f}x) | "
+              f"{best * 1e3:.3f} ({hand / best:.2f}x) | {spent:.0f} | {times['hand'] / times['tuned']:.2f}x |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
