@@ -60,6 +60,22 @@ def _detached(value):
     return torch.utils._pytree.tree_map_only(Tensor, lambda t: t.detach().clone(), value)
 
 
+def fresh_copies(values: list) -> list:
+    """Copies to run a graph on: in-place ops in it must not change the recorded calls."""
+    return [_detached(v) for v in values]
+
+
+def capped(samples: list[Tensor]) -> list[Tensor]:
+    """The leading samples, up to MAX_SAMPLE_ELEMENTS elements in all."""
+    kept, total = [], 0
+    for sample in samples:
+        if total >= MAX_SAMPLE_ELEMENTS:
+            break
+        kept.append(sample)
+        total += sample.numel()
+    return kept
+
+
 class SiteInputRecorder(ShapeProp):
     """ShapeProp that also keeps a copy of what flows into each watched node (before any in-place op)."""
 

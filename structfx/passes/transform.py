@@ -17,7 +17,14 @@ from torch import Tensor, fx, nn
 from structfx.errors import StructfxError
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
-from structfx.passes.recording import Call, SiteInputRecorder, evaluation_mode, record_calls
+from structfx.passes.recording import (
+    Call,
+    SiteInputRecorder,
+    capped,
+    evaluation_mode,
+    fresh_copies,
+    record_calls,
+)
 from structfx.passes.registry import SkipSite, builder_for
 from structfx.passes.report import REPORT_ATTRIBUTE, Report, Row
 from structfx.passes.rewrite import drop_unused_attributes, replace_node
@@ -76,7 +83,7 @@ class _Rewriter:
             calls = self.calls.get(module, [])
             if calls:
                 site.input_shape = tuple(calls[0].args[0].shape) if calls[0].args else None
-                site.samples = [c.args[0] for c in self._sample_calls(calls) if c.args]
+                site.samples = capped([c.args[0] for c in self._sample_calls(calls) if c.args])
             return self.convert(site) or module
         calls = self.calls.get(module)
         if not calls:
@@ -102,7 +109,7 @@ class _Rewriter:
         sites = [site for node in gm.graph.nodes if (site := site_from_node(gm, node, prefix))]
         recorder = SiteInputRecorder(gm, {s.node: s.input_node for s in sites if s.input_node is not None})
         for call in self._sample_calls(calls) or calls[:1]:
-            recorder.propagate(*bound_arguments(module, call.args, call.kwargs).values())
+            recorder.propagate(*fresh_copies(list(bound_arguments(module, call.args, call.kwargs).values())))
         _name_repeated_calls(sites)
         sites = [s for s in sites if s.input_node is not None]
         for site in sites:
