@@ -78,6 +78,8 @@ class BTTCPU(OpRule):
     vectors) accumulator tile in registers and sweeps its row tile with one weight block in L1, so each
     weight load serves the whole tile. (Stage 1 computed inside stage 2's row tile was no faster here.)"""
 
+    has_knobs = True
+
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         stage1, stage2, out = (find_block(sch, name) for name in (STAGE1, STAGE2, OUT))
         if None in (stage1, stage2, out):

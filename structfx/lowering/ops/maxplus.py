@@ -53,6 +53,8 @@ class MaxPlusCPU(OpRule):
     """Parallel over row tiles; per tile the input transpose, the candidates of each block of outputs
     and their transpose back run on cache-resident scratch buffers."""
 
+    has_knobs = True
+
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         tile, best, out = (find_block(sch, name) for name in (TILE, CANDIDATES, OUT))
         if tile is None or best is None or out is None:

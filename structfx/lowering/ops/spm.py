@@ -116,6 +116,8 @@ class SPMCPU(OpRule):
     """Parallel over row tiles; the input transpose, every stage and the output transpose of one tile
     run back to back on (N, lanes) scratch buffers (not L passes of the whole tensor through memory)."""
 
+    has_knobs = True
+
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         out, first = find_block(sch, OUTPUT), find_block(sch, INPUT)
         if out is None or first is None:

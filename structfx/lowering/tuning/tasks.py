@@ -43,7 +43,7 @@ def extract_tasks(mod: tvm.IRModule, target: Target) -> list[Task]:
     for gv, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("structfx_"):
             rule = our_rule(func, target)
-            if rule is not None:
+            if rule is not None and rule.has_knobs:
                 tasks.append(Task(gv.name_hint, func, workload_of(func), rule))
     return tasks
 
