@@ -56,6 +56,21 @@ def split_tile(sch: Schedule, loop, extent: int, factor):
     return sch.split(loop, [None, factor])
 
 
+def tile_rows_out(sch: Schedule, out, lanes: int, default_columns: int, tunable: bool):
+    """The batch-major output ``out[b, j]`` written from a transposed tile: parallel over tiles of
+    ``lanes`` rows, vectorised over a knob's worth of columns. Returns (row tile loop, column tile
+    loop or None, columns per tile)."""
+    n_out = int(sch.get(out).iter_vars[1].dom.extent)
+    b, j = sch.get_loops(out)
+    b_outer, b_inner = sch.split(b, [None, lanes])
+    columns = knob(sch, default_columns, [4, 8, 16, 32], tunable, extent=n_out)
+    j_outer, j_inner = split_tile(sch, j, n_out, columns)
+    sch.reorder(b_outer, *present(j_outer), b_inner, j_inner)
+    sch.parallel(b_outer)
+    sch.vectorize(j_inner)
+    return b_outer, j_outer, n_out if j_outer is None else int(sch.get(j_inner).extent)
+
+
 def present(*loops) -> list:
     return [loop for loop in loops if loop is not None]
 

@@ -17,10 +17,9 @@ from structfx.lowering.ops.common import (
     clamp,
     find_block,
     from_rows,
-    knob,
     named_loops,
     present,
-    split_tile,
+    tile_rows_out,
     vector_lanes,
 )
 
@@ -60,16 +59,8 @@ class MaxPlusCPU(OpRule):
         if tile is None or best is None or out is None:
             return False
         lanes = vector_lanes(target)
-        n_out = int(sch.get(out).iter_vars[1].dom.extent)
-        b, j = sch.get_loops(out)
-        b_outer, b_inner = sch.split(b, [None, lanes])
-        columns = knob(sch, OUT_COLUMNS, [4, 8, 16, 32], tunable, extent=n_out)
-        j_outer, j_inner = split_tile(sch, j, n_out, columns)
-        sch.reorder(b_outer, *present(j_outer), b_inner, j_inner)
-        sch.parallel(b_outer)
-        sch.vectorize(j_inner)
+        b_outer, j_outer, columns = tile_rows_out(sch, out, lanes, OUT_COLUMNS, tunable)
         sch.compute_at(best, j_outer if j_outer is not None else b_outer)
-        columns = n_out if j_outer is None else int(sch.get(j_inner).extent)
         j_best, b_best, t_best = named_loops(sch, best, [("j", columns), ("b", lanes), ("t", k_of(sch, best))])
         sch.reorder(*present(j_best, t_best), b_best)
         sch.vectorize(b_best)

@@ -18,9 +18,7 @@ from structfx.lowering.ops.common import (
     clamp,
     find_block,
     from_rows,
-    knob,
-    present,
-    split_tile,
+    tile_rows_out,
     vector_lanes,
 )
 from structfx.nn.spm_pairing import stage_permutations
@@ -31,6 +29,14 @@ OUT_COLUMNS = 8
 
 def stage_name(stage: int) -> str:
     return f"structfx_spm_stage{stage}"
+
+
+def stage_blocks(sch: Schedule) -> list:
+    """The stage blocks of an SPM kernel, in order."""
+    stages = []
+    while (block := find_block(sch, stage_name(len(stages)))) is not None:
+        stages.append(block)
+    return stages
 
 
 def pairing_tables(width: int, stages: int, pairing: str, seed: int) -> tuple[np.ndarray, ...]:
@@ -122,19 +128,8 @@ class SPMCPU(OpRule):
         out, first = find_block(sch, OUTPUT), find_block(sch, INPUT)
         if out is None or first is None:
             return False
-        stages = []
-        while (block := find_block(sch, stage_name(len(stages)))) is not None:
-            stages.append(block)
-        lanes = vector_lanes(target)
-        n_out = int(sch.get(out).iter_vars[1].dom.extent)
-        b, j = sch.get_loops(out)
-        b_outer, b_inner = sch.split(b, [None, lanes])
-        columns = knob(sch, OUT_COLUMNS, [4, 8, 16, 32], tunable, extent=n_out)
-        j_outer, j_inner = split_tile(sch, j, n_out, columns)
-        sch.reorder(b_outer, *present(j_outer), b_inner, j_inner)
-        sch.parallel(b_outer)
-        sch.vectorize(j_inner)
-        for block in reversed([first, *stages]):
+        b_outer, _, _ = tile_rows_out(sch, out, vector_lanes(target), OUT_COLUMNS, tunable)
+        for block in reversed([first, *stage_blocks(sch)]):
             sch.compute_at(block, b_outer)
             sch.vectorize(sch.get_loops(block)[-1])
         return True
@@ -163,14 +158,11 @@ class SPMCUDA(OpRule):
         out, first = find_block(sch, OUTPUT), find_block(sch, INPUT)
         if out is None or first is None:
             return False
-        stages = []
-        while (block := find_block(sch, stage_name(len(stages)))) is not None:
-            stages.append(block)
         b, j = sch.get_loops(out)
         sch.bind(b, "blockIdx.x")
         j_outer, j_inner = sch.split(j, [None, THREADS])
         sch.bind(j_inner, "threadIdx.x")
-        for block in reversed([first, *stages]):
+        for block in reversed([first, *stage_blocks(sch)]):
             sch.compute_at(block, b)
             sch.set_scope(block, 0, "shared.dyn")
             i = sch.get_loops(block)[-1]
