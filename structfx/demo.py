@@ -151,22 +151,23 @@ def run(out_dir: Path, epochs: int = 30, console: Console | None = None) -> dict
 
 
 def plot(rows: dict[str, dict[str, float]], path: Path) -> Path:
-    """Accuracy against parameter count, one labelled point per model."""
+    """Accuracy, parameters and latency per model, as bars (one row per model)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, row in rows.items():
-        ax.scatter(row["parameters"], row["accuracy"])
-        ax.annotate(name, (row["parameters"], row["accuracy"]), textcoords="offset points", xytext=(5, 5))
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("digits: dense vs structured layers")
+    names = [name.strip(" .") for name in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.45 * len(rows) + 1.6), sharey=True)
+    for ax, key, label in zip(axes, ("accuracy", "parameters", "latency_ms"),
+                              ("test accuracy", "parameters", "latency ms (batch 256)")):
+        ax.barh(names, [row[key] for row in rows.values()])
+        ax.set_xlabel(label)
+    axes[0].set_xlim(0.9, 1.0)
+    axes[0].invert_yaxis()
+    fig.suptitle("digits: dense vs structured layers")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
