@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from structfx.lowering.compat import Schedule, ScheduleRule, Target, dlight, normalize_prim_func, tirx
+from structfx.lowering.compat import Schedule, ScheduleRule, Target, dlight, normalize_prim_func
+from structfx.lowering.ops.common import OpRule, knob
 
 
-class GenericCPU(ScheduleRule):
+class GenericCPU(OpRule):
     """Everything else on the CPU (TVM's legalized ops): inline what can be inlined, then run each
-    block's spatial loops in parallel. Correct for any PrimFunc; fast only for simple ones."""
+    block's spatial loops in parallel. Correct for any PrimFunc; fast only for simple ones. When tuning,
+    elementwise blocks are split by a sampled factor: the outer part in parallel, the inner vectorized."""
 
-    def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
-            return None
-        sch = Schedule(func)
+    has_knobs = True
+
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         infos = normalize_prim_func(sch)
         if infos is None:
-            return None
+            return False
         infos = dlight.base.try_inline(sch, infos)
         for info in infos:
             kinds = info.dom_kind()
@@ -24,8 +25,15 @@ class GenericCPU(ScheduleRule):
             if not spatial or len(spatial) != len(loops) - kinds.count("R") or kinds.count("O"):
                 continue
             sch.reorder(*spatial, *[loop for loop, kind in zip(loops, kinds) if kind == "R"])
-            sch.parallel(sch.fuse(*spatial))
-        return sch
+            fused = sch.fuse(*spatial)
+            vector = knob(sch, 0, [4, 8, 16, 32, 64], tunable and "R" not in kinds)
+            if isinstance(vector, int):
+                sch.parallel(fused)
+            else:
+                outer, inner = sch.split(fused, [None, vector])
+                sch.parallel(outer)
+                sch.vectorize(inner)
+        return True
 
 
 def rules_for(target: Target) -> list[ScheduleRule]:

@@ -44,6 +44,19 @@ def test_tune_resume_and_compile(tmp_path):
     assert float((compiled(x) - want).norm() / want.norm()) < 1e-4
 
 
+def test_the_rest_of_the_module_is_tuned_too(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), sfx.SparseMaxPlus(64, 64), nn.LayerNorm(64)).eval()
+    x = torch.randn(16, 64)
+    sfx.tune(model, x, trials=2, database=tmp_path / "db", progress=False)
+    kernels = {r["kernel"] for r in _records(tmp_path / "db")}
+    assert {"structfx_sparse_maxplus", "matmul", "layer_norm"} <= kernels
+    compiled = sfx.compile(model, x, database=tmp_path / "db")
+    with torch.no_grad():
+        want = model(x)
+    assert float((compiled(x) - want).norm() / want.norm()) < 1e-4
+
+
 def test_compile_keeps_the_hand_schedule_when_it_is_the_best_record(tmp_path):
     model, x = _model()
     sfx.tune(model, x, trials=1, database=tmp_path / "db", progress=False)

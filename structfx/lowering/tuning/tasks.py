@@ -1,4 +1,5 @@
-"""What there is to tune in a model: our kernels, as PrimFuncs with the batch fixed for measuring."""
+"""What there is to tune in a model: every kernel whose schedule rule has knobs (ours, and the generic
+rule for the rest of the module), as PrimFuncs with the batch fixed for measuring."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class Task:
 
 
 def our_rule(func: tirx.PrimFunc, target: Target) -> OpRule | None:
-    """The OpRule that recognises ``func`` as one of our kernels, if any."""
+    """The first OpRule that schedules ``func`` (ours for our kernels, the generic rule otherwise)."""
     for rule in rules_for(target):
         if isinstance(rule, OpRule) and rule.apply(func, target, False) is not None:
             return rule
@@ -36,12 +37,12 @@ def workload_of(func: tirx.PrimFunc) -> tvm.IRModule:
 
 
 def extract_tasks(mod: tvm.IRModule, target: Target) -> list[Task]:
-    """One task per distinct kernel of ours in a legalized Relax module."""
+    """One task per kernel with knobs in a legalized Relax module."""
     with target:
         mod = relax.transform.LegalizeOps()(mod)
     tasks = []
     for gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("structfx_"):
+        if isinstance(func, tirx.PrimFunc):
             rule = our_rule(func, target)
             if rule is not None and rule.has_knobs:
                 tasks.append(Task(gv.name_hint, func, workload_of(func), rule))

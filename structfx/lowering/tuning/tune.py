@@ -1,7 +1,8 @@
 """``structfx.tune``: MetaSchedule over the knobs of our hand schedules, resumable, local or over RPC.
 
 The design space of each kernel is its hand schedule with the tile sizes sampled (``OpRule.schedule``
-with ``tunable=True``), searched by replaying it with fresh samples. The hand schedule itself is
+with ``tunable=True``; for TVM's own ops, the generic rule's split of elementwise loops), searched by
+replaying it with fresh samples. The hand schedule itself is
 measured first and filed as a record, so the best record of a workload is never slower than the hand
 schedule as measured, and compile keeps the hand schedule wherever tuning found nothing better.
 """
@@ -38,9 +39,10 @@ def tune(
     key: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Tune every kernel of ours in ``model`` up to ``trials`` measurements each (the hand schedule's
-    included); runs again continue from what ``database`` holds. ``rpc="host:port"`` with ``key``
-    measures on the RPC servers registered under that key at that TVM tracker, building locally."""
+    """Tune every kernel of ``model`` (ours, and TVM's for the rest of the module) up to ``trials``
+    measurements each, the hand schedule's included; runs again continue from what ``database`` holds.
+    ``rpc="host:port"`` with ``key`` measures on the RPC servers registered under that key at that TVM
+    tracker, building locally."""
     from structfx.lowering.build import define_row_tiles, lower_to_relax
     from structfx.lowering.export import export_for_compile
 
@@ -193,13 +195,13 @@ class _Recorder(ms.measure_callback.PyMeasureCallback):
 
 
 def apply_database(mod: tvm.IRModule, target: Target, database: str | Path) -> tvm.IRModule:
-    """Schedule each of our kernels by the best record its workload has in ``database`` (the hand
-    schedule's own record included); kernels without records keep the rules' hand schedules."""
+    """Schedule each kernel by the best record its workload has in ``database`` (the hand schedule's
+    own record included); kernels without records keep the rules' hand schedules."""
     db = TuningDatabase(database, target, create=False)
     with target:
         mod = relax.transform.LegalizeOps()(mod)
     for gv, func in list(mod.functions_items()):
-        if not (gv.name_hint.startswith("structfx_") and isinstance(func, tirx.PrimFunc)):
+        if not isinstance(func, tirx.PrimFunc):
             continue
         best = db.best(workload_hash(workload_of(func)))
         if best is None:
