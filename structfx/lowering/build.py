@@ -9,7 +9,7 @@ from structfx.lowering.compat import detach_params, from_exported_program, relax
 from structfx.lowering.compiled import CompiledModel
 from structfx.lowering.converters import converter_map
 from structfx.lowering.export import ROW_MULTIPLE, export_for_compile, input_specs, output_specs
-from structfx.lowering.schedules import apply_schedules
+from structfx.lowering.schedules import apply_schedules, legalize
 from structfx.lowering.target import resolve_target
 
 
@@ -23,6 +23,7 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     mod, params = lower_to_relax(program, tvm_target)
     if symbolic_batch:
         mod = define_row_tiles(mod)
+    mod = legalize(mod, tvm_target)
     if database is not None:
         from structfx.lowering.tuning import apply_database
 

@@ -50,10 +50,15 @@ def rules_for(target: Target) -> list[ScheduleRule]:
     return [MaxPlusCPU(), MaxPlusPoolCPU(), SPMCPU(), SPMCoefficientsCPU(), BTTCPU(), GenericCPU()]
 
 
-def apply_schedules(mod, target: Target):
-    """Legalize every Relax op to TIR, then schedule each PrimFunc with the first rule that applies."""
+def legalize(mod, target: Target):
+    """Every Relax op as a TIR PrimFunc (ours already are), ready to schedule or tune."""
     from structfx.lowering.compat import relax
 
     with target:
-        mod = relax.transform.LegalizeOps()(mod)
+        return relax.transform.LegalizeOps()(mod)
+
+
+def apply_schedules(mod, target: Target):
+    """Schedule each PrimFunc of a legalized module not yet scheduled with the first rule that applies."""
+    with target:
         return dlight.ApplyDefaultSchedule(*rules_for(target))(mod)

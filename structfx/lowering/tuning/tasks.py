@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from structfx.lowering.compat import Schedule, Target, relax, tirx, tvm
+from structfx.lowering.compat import Schedule, Target, tirx, tvm
 from structfx.lowering.ops.common import OpRule
 from structfx.lowering.schedules import rules_for
 
@@ -38,8 +38,6 @@ def workload_of(func: tirx.PrimFunc) -> tvm.IRModule:
 
 def extract_tasks(mod: tvm.IRModule, target: Target) -> list[Task]:
     """One task per kernel with knobs in a legalized Relax module."""
-    with target:
-        mod = relax.transform.LegalizeOps()(mod)
     tasks = []
     for gv, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc):

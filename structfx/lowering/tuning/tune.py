@@ -21,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch import Tensor, nn
 
 from structfx.errors import StructfxError
-from structfx.lowering.compat import Schedule, Target, derived_object, meta_schedule, relax, tar, tirx, tvm
+from structfx.lowering.compat import Schedule, Target, derived_object, meta_schedule, tar, tirx, tvm
+from structfx.lowering.schedules import legalize
 from structfx.lowering.target import resolve_target
 from structfx.lowering.tuning.database import Record, TuningDatabase, plain_json, workload_hash
 from structfx.lowering.tuning.tasks import Task, extract_tasks, hand_schedule, workload_of
@@ -58,7 +59,7 @@ def tune(
     builder = InProcessBuilder()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}")]
     with Progress(*columns, disable=not progress) as bar:
-        for task in extract_tasks(mod, tvm_target):
+        for task in extract_tasks(legalize(mod, tvm_target), tvm_target):
             _tune_task(task, tvm_target, trials, db, builder, runner, database, bar)
     return Path(database)
 
@@ -195,11 +196,9 @@ class _Recorder(ms.measure_callback.PyMeasureCallback):
 
 
 def apply_database(mod: tvm.IRModule, target: Target, database: str | Path) -> tvm.IRModule:
-    """Schedule each kernel by the best record its workload has in ``database`` (the hand schedule's
-    own record included); kernels without records keep the rules' hand schedules."""
+    """Schedule each kernel of a legalized module by the best record its workload has in ``database``
+    (the hand schedule's own record included); kernels without records keep the rules' hand schedules."""
     db = TuningDatabase(database, target, create=False)
-    with target:
-        mod = relax.transform.LegalizeOps()(mod)
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tirx.PrimFunc):
             continue
