@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
+from structfx.passes.recording import evaluation_mode
 from structfx.passes.sites import is_conv1d
 
 
@@ -60,7 +61,8 @@ def trace_call(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
 
 
 def _check_reproduces(module: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    with torch.no_grad():
+    """Both in eval mode, so that dropout in a model being trained does not make them differ."""
+    with torch.no_grad(), evaluation_mode(module), evaluation_mode(gm):
         try:
             expected, got = module(*args, **kwargs), gm(*args, **kwargs)
         except Exception as e:

@@ -84,7 +84,8 @@ class _Rewriter:
             if calls:
                 site.input_shape = tuple(calls[0].args[0].shape) if calls[0].args else None
                 site.samples = capped([c.args[0] for c in self._sample_calls(calls) if c.args])
-            return self.convert(site) or module
+            new = self.convert(site)
+            return module if new is None else new.train(module.training)
         calls = self.calls.get(module)
         if not calls:
             return self._rewrite_children(module, prefix)
@@ -95,6 +96,7 @@ class _Rewriter:
                 self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
             return self._rewrite_children(module, prefix)
         self._rewrite_graph(gm, prefix, module, calls)
+        gm.training = module.training  # a new GraphModule starts in training mode; its parts keep theirs
         return gm
 
     def _rewrite_children(self, module: nn.Module, prefix: str) -> nn.Module:
@@ -121,7 +123,7 @@ class _Rewriter:
             new = self.convert(site)
             if new is not None:
                 site.input_node = replaced.get(site.input_node, site.input_node)
-                replaced[site.node] = replace_node(gm, site, new)
+                replaced[site.node] = replace_node(gm, site, new.train(module.training))
         drop_unused_attributes(gm)
         gm.graph.lint()
         gm.recompile()

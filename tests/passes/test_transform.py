@@ -70,6 +70,15 @@ def test_data_dependent_model_falls_back_and_rewrites_traceable_parts():
     assert "head" in {row.name for row in report.skipped}  # 10 outputs < min_features
 
 
+def test_a_model_in_training_mode_is_traced_and_stays_in_training_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.5), nn.ReLU()).train()
+    small = sfx.transform(model, [sfx.BTT(rank=10**6), sfx.MaxPlus()], example_inputs=torch.randn(8, 64))
+    assert isinstance(small, torch.fx.GraphModule)  # dropout did not make the traced graph look different
+    assert small.training and all(m.training for m in small.modules())
+    assert len(sfx.report(small).replaced) == 2
+
+
 def test_cnn_functional_pools_and_feature_map_relus():
     torch.manual_seed(0)
     model = SmallCNN()
