@@ -13,7 +13,7 @@ def _invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["demo", "compile", "inspect", "run", "bench"])
+@pytest.mark.parametrize("command", ["demo", "compile", "tune", "inspect", "run", "bench"])
 def test_every_command_has_help(command):
     result = _invoke(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
@@ -54,6 +54,7 @@ def test_run_saves_the_output(artifact, tmp_path):
         (["compile", "examples/models.py:mlp", "--rules", "btt:rank=two", "--out", "x"], "btt:rank='two' must be"),
         (["compile", "examples/models.py:mlp", "--target", "metal", "--out", "x"], "not supported"),
         (["bench", "nothing"], "no benchmark 'nothing'"),
+        (["tune", "examples/models.py:mlp", "--database", "db", "--rpc", "nohost", "--key", "k"], "HOST:PORT"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args, message):
