@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from structfx.errors import StructfxError
 from structfx.passes.recording import evaluation_mode
-from structfx.runtime.signature import TensorSpec
+from structfx.runtime.signature import TensorSpec, padded_rows
 
 #: A symbolic batch is exported as ROW_MULTIPLE * q, so every kernel's row tiles divide it and need no
 #: remainder loops; the compiled model pads other batch sizes (repeating the last row) and slices.
@@ -20,7 +20,7 @@ def pad_rows(args: tuple, multiple: int, minimum: int = 0) -> tuple:
     def pad(a):
         if not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] == 0:
             return a
-        rows = max(minimum, -(-a.shape[0] // multiple) * multiple)
+        rows = max(minimum, padded_rows(a.shape[0], multiple))
         if rows == a.shape[0]:
             return a
         return torch.cat([a, a[-1:].expand(rows - a.shape[0], *a.shape[1:])])

@@ -3,7 +3,8 @@
 One JSON line per measurement -- kernel, workload hash, schedule trace, seconds -- appended and flushed
 as soon as it is measured, so a run stopped at any moment (Ctrl-C, SIGKILL) keeps every finished
 measurement; at most a torn last line is left, and opening drops it. (MetaSchedule's own JSONDatabase
-crashes in apache-tvm 0.27 here when it serializes a workload: ``tvm.ir.save_json`` segfaults.)
+crashed with apache-tvm-ffi 0.1.15 when it serialized a workload, and a record here also needs the
+structfx-side facts, kernel name and hand-schedule flag, that it has no place for.)
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ TUNING_ROW_TILES = 16
 @dataclass
 class Task:
     name: str
-    func: tirx.PrimFunc  # as compiled: symbolic batch
     workload: tvm.IRModule  # the batch fixed: what is measured and what the database is keyed by
     rule: OpRule
 
@@ -43,7 +42,7 @@ def extract_tasks(mod: tvm.IRModule, target: Target) -> list[Task]:
         if isinstance(func, tirx.PrimFunc):
             rule = our_rule(func, target)
             if rule is not None and rule.has_knobs:
-                tasks.append(Task(gv.name_hint, func, workload_of(func), rule))
+                tasks.append(Task(gv.name_hint, workload_of(func), rule))
     return tasks
 
 

@@ -161,8 +161,8 @@ def _show_best(bar, line, db: TuningDatabase, key: str, hand: float | None) -> N
 
 @derived_object
 class InProcessBuilder(ms.builder.PyBuilder):
-    """Builds candidates in this process. MetaSchedule's LocalBuilder pickles each module to a worker,
-    and pickling an IRModule segfaults in apache-tvm 0.27 here (``ToJSONGraph``)."""
+    """Builds candidates in this process: no worker to start and no module to pickle across (pickling
+    an IRModule segfaults with apache-tvm-ffi 0.1.15, which is why pyproject pins 0.1.14)."""
 
     def build(self, build_inputs):
         results = []
