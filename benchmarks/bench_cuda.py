@@ -65,7 +65,7 @@ def main() -> None:
         dense = nn.Linear(d, d).cuda()
         for name, module in {"BTT r=1": BTTLinear(d, d, 1), "BTT r=4": BTTLinear(d, d, 4),
                              "SPM orthogonal": SPMLinear(d, d), "SparseMaxPlus k=2": SparseMaxPlus(d, d, 2)}.items():
-            compiled = sfx.compile(module.eval(), x.cpu(), target="cuda")
+            compiled = sfx.compile(module.eval(), x.cpu(), target="cuda")  # this GPU's arch
             inductor = torch.compile(module.cuda())
             with torch.no_grad():
                 dense_ms = cuda_ms(lambda: dense(x), args.rounds)

@@ -6,7 +6,7 @@ import os
 import platform
 
 from structfx.errors import StructfxError
-from structfx.lowering.compat import Target, codegen
+from structfx.lowering.compat import Target, codegen, tvm
 from structfx.runtime.host import X86_FEATURES, cpu_flags
 
 
@@ -31,14 +31,15 @@ def _cores() -> int:
 
 
 def resolve_target(target: object = None) -> Target:
-    """``None``/``"llvm"``/``"cpu"``: the host; ``"cuda"``, ``"cuda -arch=sm_90"``, a dict or a Target."""
+    """``None``/``"llvm"``/``"cpu"``: the host; ``"cuda"`` (this machine's GPU), ``"cuda -arch=sm_90"``,
+    a dict or a Target. Raises StructfxError for anything else, and for ``"cuda"`` without a GPU."""
     if target is None or target in ("llvm", "cpu"):
         return host_target()
     if isinstance(target, Target):
         resolved = target
     elif isinstance(target, (str, dict)):
+        spec = _cuda_spec(target) if isinstance(target, str) and target.startswith("cuda") else target
         try:
-            spec = _cuda_spec(target) if isinstance(target, str) and target.startswith("cuda") else target
             resolved = Target(spec)
         except Exception as e:  # TVM's own parse errors are long C++ traces: keep the gist
             raise StructfxError(f"target {target!r} is not a TVM target: {str(e).splitlines()[0]}") from e
@@ -52,9 +53,18 @@ def resolve_target(target: object = None) -> Target:
 
 
 def _cuda_spec(text: str) -> dict:
-    """``"cuda -arch=sm_90"`` in the dict form this TVM takes (sm_90 where no arch is given)."""
-    spec: dict = {"kind": "cuda", "arch": "sm_90"}
+    """``"cuda -arch=sm_90"`` in the dict form this TVM takes. Without ``-arch``, the architecture of
+    this machine's GPU; with no GPU present there is nothing to detect, and the arch must be given."""
+    spec: dict = {"kind": "cuda"}
     for flag in text.split()[1:]:
         key, _, value = flag.lstrip("-").partition("=")
         spec[key] = value
+    if "arch" not in spec:
+        gpu = tvm.cuda(0)
+        if not gpu.exist:
+            raise StructfxError(
+                f"target {text!r} names no architecture and this machine has no CUDA GPU to detect one from: "
+                f"give the deployment GPU's, e.g. 'cuda -arch=sm_90' (H100/H200) or 'cuda -arch=sm_80' (A100)"
+            )
+        spec["arch"] = "sm_" + gpu.compute_version.replace(".", "")
     return spec

@@ -54,11 +54,12 @@ def load(directory: str | Path, device: str = "cpu") -> Runtime:
     _check_runnable(manifest["target"], device)
     import tvm
     from safetensors.numpy import load_file
+    from tvm.runtime.vm import VirtualMachine  # tvm.relax is absent with the runtime alone
 
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
     weights = load_file(str(root / WEIGHTS))
     params = [tvm.runtime.tensor(weights[name], dev) for name in manifest["params"]]
-    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(root / KERNELS)), dev)
+    vm = VirtualMachine(tvm.runtime.load_module(str(root / KERNELS)), dev)
     return Runtime(root, manifest, vm, params, dev)
 
 
@@ -72,8 +73,10 @@ def _check_runnable(target: dict, device: str) -> None:
     if kind == "cuda":
         import tvm
 
-        if not tvm.cuda(0).exist:
+        gpu = tvm.cuda(0)
+        if not gpu.exist:
             raise StructfxError("this artifact was built for cuda and no CUDA GPU is present on this machine")
+        check_cuda_arch(target.get("arch", ""), gpu.compute_version)
         return
     triple = target.get("mtriple", "")
     machine = platform.machine()
@@ -87,6 +90,24 @@ def _check_runnable(target: dict, device: str) -> None:
                 f"this artifact was built for {target['mcpu']} and uses {', '.join(missing)}, which this CPU lacks; "
                 f"compile it again on (or for) this machine"
             )
+
+
+def check_cuda_arch(arch: str, compute_version: str) -> None:
+    """Refuse a CUDA build this GPU cannot run. TVM compiles CUDA kernels to machine code for one
+    architecture (cubin, no PTX to recompile): code for ``sm_XY`` runs on GPUs of compute capability X.Z
+    with Z >= Y (NVIDIA's CUDA Compatibility Guide, "binary compatibility"). ``compute_version`` is the
+    device's, e.g. ``"9.0"``; ``arch`` the build's, e.g. ``"sm_90"``."""
+    major, minor = (int(part) for part in compute_version.split("."))
+    digits = arch.removeprefix("sm_").rstrip("af")
+    if not arch.startswith("sm_") or not digits.isdigit() or len(digits) < 2:
+        raise StructfxError(f"this artifact's target names no CUDA architecture ({arch!r}); compile it again "
+                            f"with target='cuda -arch=sm_{major}{minor}' for this GPU")
+    built = (int(digits[:-1]), int(digits[-1]))
+    if built[0] != major or built[1] > minor:
+        raise StructfxError(
+            f"this artifact was built for {arch} and this GPU has compute capability {compute_version}: "
+            f"compile it again with target='cuda -arch=sm_{major}{minor}' (or target='cuda' on this machine)"
+        )
 
 
 def _as_numpy(value):

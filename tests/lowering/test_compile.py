@@ -82,7 +82,8 @@ def test_wrong_inputs_are_refused_before_running():
         compiled(torch.randn(4, 16), torch.randn(4, 16))
 
 
-@pytest.mark.parametrize("target, message", [("metal", "not supported"), ("cuda -bogus=1", "not a TVM target"),
+@pytest.mark.parametrize("target, message", [("metal", "not supported"),
+                                             ("cuda -arch=sm_90 -bogus=1", "not a TVM target"),
                                              (3, "must be a string")])
 def test_bad_targets(target, message):
     with pytest.raises(sfx.StructfxError, match=message):

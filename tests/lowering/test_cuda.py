@@ -12,9 +12,11 @@ from structfx.nn import BTTLinear, SPMLinear
 from tests.cases import CASES
 
 HAS_GPU = tvm.cuda(0).exist
+#: This machine's GPU where there is one (its arch detected), else the H100/H200's.
+TARGET = "cuda" if HAS_GPU else "cuda -arch=sm_90"
 
 
-def _compiled(case, target="cuda"):
+def _compiled(case, target=TARGET):
     module = case.make().float().eval()
     return module, sfx.compile(module, case.inputs(5).float(), target=target)
 
@@ -28,7 +30,7 @@ def test_each_op_compiles_for_cuda(case):
 
 def test_spm_runs_every_stage_in_one_kernel_from_shared_memory():
     layer = SPMLinear(256, 256).eval()
-    source = sfx.compile(layer, torch.randn(4, 256), target="cuda -arch=sm_90").device_source()
+    source = sfx.compile(layer, torch.randn(4, 256), target=TARGET).device_source()
     body = source[source.rindex("structfx_spm_kernel("):]
     assert source.count("structfx_spm_kernel(") == 2  # declared and defined once: one kernel, all 8 stages
     assert re.findall(r"structfx_spm_kernel_\d", source) == []  # no per-stage kernels
@@ -36,7 +38,7 @@ def test_spm_runs_every_stage_in_one_kernel_from_shared_memory():
 
 
 def test_btt_stages_operands_through_shared_memory():
-    source = sfx.compile(BTTLinear(256, 256, rank=2).eval(), torch.randn(4, 256), target="cuda").device_source()
+    source = sfx.compile(BTTLinear(256, 256, rank=2).eval(), torch.randn(4, 256), target=TARGET).device_source()
     assert "__shared__" in source[source.index("structfx_btt_kernel"):]
 
 
@@ -46,15 +48,28 @@ def test_transformed_digits_mlp_compiles_for_cuda():
     data = load_data()
     small = sfx.transform(build_models()["dense (ReLU)"], [sfx.BTT(rank=2), sfx.MaxPlus()],
                           example_inputs=(data.x_test[:8],))
-    compiled = sfx.compile(small, data.x_test[:8], target="cuda")
+    compiled = sfx.compile(small, data.x_test[:8], target=TARGET)
     assert {"structfx_btt", "structfx_sparse_maxplus"} <= set(compiled.kernels)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the build runs instead (test_cuda_numerics)")
 def test_running_a_cuda_build_without_a_gpu_is_a_clear_error():
-    compiled = sfx.compile(BTTLinear(16, 16).eval(), torch.randn(4, 16), target="cuda")
+    compiled = sfx.compile(BTTLinear(16, 16).eval(), torch.randn(4, 16), target=TARGET)
     with pytest.raises(sfx.StructfxError, match="no cuda device is present.*compile with target='llvm'"):
         compiled(torch.randn(4, 16))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a GPU is present: 'cuda' takes its arch")
+def test_cuda_without_an_arch_or_a_gpu_to_detect_it_from_is_refused():
+    with pytest.raises(sfx.StructfxError, match="names no architecture.*e.g. 'cuda -arch=sm_90'"):
+        sfx.compile(BTTLinear(16, 16).eval(), torch.randn(4, 16), target="cuda")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine to detect an arch from")
+def test_cuda_takes_the_arch_of_this_machines_gpu():
+    from structfx.lowering.target import resolve_target
+
+    assert resolve_target("cuda").attrs["arch"] == "sm_" + tvm.cuda(0).compute_version.replace(".", "")
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine: numerics need one")
