@@ -1,4 +1,5 @@
-"""BTT, block tensor-train with two cores of rank r (ops.md section 4).
+"""BTT, block tensor-train with two cores of rank r
+(Qiu et al., "Compute Better Spent: Replacing Dense Layers with Structured Matrices", ICML 2024).
 
 ``n_in = m0 * m1`` and ``n_out = n0 * n1``; the weight is an m1 x n0 grid of m0 x n1 blocks of rank <= r:
 ``W[j0*n1 + j1, i1*m0 + i0] = sum_s W1[i1, i0, j0*r + s] * W2[j0, i1*r + s, j1]``. Two batched matmuls,
@@ -162,6 +163,7 @@ class BTTLinear(nn.Module):
 
 
 def _normal(shape, fan_in: int, fan_out: int, generator) -> Tensor:
-    """ops.md's init: std fan_in^-1/2 * min(1, sqrt(fan_out / fan_in)), per-block fans."""
+    """Normal with std fan_in^-1/2 * min(1, sqrt(fan_out / fan_in)), the fans per block (W1: m0 -> r n0,
+    W2: r m1 -> n1), as Qiu et al. (2024) initialise BTT cores."""
     std = fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in))
     return torch.randn(shape, generator=generator) * std

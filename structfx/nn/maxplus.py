@@ -1,4 +1,5 @@
-"""Sparse max-plus layer: ``y[j] = max(b[j], max_t x[idx[j, t]] + w[j, t])`` (ops.md section 1).
+"""Sparse max-plus layer: ``y[j] = max(b[j], max_t x[idx[j, t]] + w[j, t])``
+("Sparse Hybrid Linear-Morphological Networks", arXiv 2504.09289, EUSIPCO 2025).
 
 Each output keeps k finite weights at fixed, distinct input indices. The forward gathers one (B, n_out)
 slice per t, so memory is O(B * n_out), never the paper's (B, n_out, n_in) broadcast.
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from structfx.errors import StructfxError
 
 #: Weight of the inactive entries in the "relu" init: far below any activation, yet finite so that
-#: sums and gradients stay finite (ops.md).
+#: sums and gradients stay finite (never -inf).
 INACTIVE_WEIGHT = -1.0e4
 
 

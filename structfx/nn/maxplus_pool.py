@@ -1,7 +1,8 @@
-"""Max-plus pooling: a per-channel dilation with a learned structuring element (ops.md section 2).
+"""Max-plus pooling: a per-channel dilation with a learned structuring element.
 
 ``y[b, c, i, j] = max_{(p, q)} x[b, c, i*s + p*d - pad, j*s + q*d - pad] + se[c, p, q]``; padded
-positions are -inf and never win. ``se = 0`` is exactly ``nn.MaxPool2d`` with the same geometry.
+positions are -inf and never win. ``se = 0`` is exactly ``nn.MaxPool2d`` with the same geometry. Not in
+the max-plus papers (they keep max pooling): morphological dilation, per channel, with a learned element.
 """
 
 from __future__ import annotations

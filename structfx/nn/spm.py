@@ -1,4 +1,5 @@
-"""SPM, stagewise pairwise mixing: ``y = D_out B_L ... B_1 D_in x + b`` (ops.md section 3).
+"""SPM, stagewise pairwise mixing: ``y = D_out B_L ... B_1 D_in x + b``
+(Farag, "Rethinking Dense Linear Transformations: Stagewise Pairwise Mixing", arXiv 2512.23905).
 
 Width N is the next power of two; x is zero-padded to N and the first n_out outputs kept. Each stage B_l
 mixes N/2 disjoint pairs (p, q) by a 2x2 matrix: a rotation by theta ("orthogonal", N/2 parameters) or
@@ -114,8 +115,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad: Tensor):
-    """Closed-form backward (ops.md). Orthogonal: each stage's input is recomputed from its output by the
-    inverse rotation R^T, so the extra memory is O(N) per row; general: stage inputs are recomputed and kept."""
+    """Closed-form backward, per stage and pair: ``dx_p = a g_p + c g_q``, ``dx_q = b g_p + d g_q``,
+    ``da = g_p x_p`` (and so on), summed over the batch. Orthogonal: each stage's input is recomputed from
+    its output by the inverse rotation R^T, so the extra memory is O(N) per row; general: stage inputs are
+    recomputed and kept."""
     x, d_in, coeffs, d_out = ctx.saved_tensors
     variant, pairing, seed = ctx.structure
     width = d_in.shape[0]

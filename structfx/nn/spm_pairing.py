@@ -1,4 +1,4 @@
-"""Which coordinates SPM mixes at each stage (ops.md section 3): fixed structure, never learned.
+"""Which coordinates SPM mixes at each stage: fixed structure, never learned.
 
 A stage is a permutation ``perm`` of the N coordinates whose consecutive entries ``(perm[2i], perm[2i+1])``
 are one mixed pair (p, q), p < q. Butterfly stage l pairs i with ``i XOR 2^(l mod log2 N)``; "random"

@@ -6,7 +6,7 @@ import abc
 import functools
 import operator
 
-from structfx.lowering.compat import Schedule, ScheduleRule, Target, codegen, relax, tirx
+from structfx.lowering.compat import Schedule, ScheduleRule, Target, codegen, relax, tirx, tvm
 
 
 def vector_lanes(target: Target) -> int:
@@ -22,13 +22,14 @@ def vector_lanes(target: Target) -> int:
 
 def clamp(index, extent):
     """An index known to lie in [0, extent): data-dependent reads need it, or compute_at cannot bound
-    the region it reads (tvm_notes.md)."""
+    the region it reads: "Check failed: intset.HasLowerBound() && intset.HasUpperBound()")."""
     return tirx.max(tirx.min(index, extent - 1), 0)
 
 
 def split_exact(sch: Schedule, loop, extent: int, preferred: int):
     """Split ``loop`` by the largest divisor of ``extent`` up to ``preferred``: (outer, inner), or
-    (None, loop) where the split would leave a unit loop (which breaks later reorders: tvm_notes.md)."""
+    (None, loop) where the split would leave a unit loop (a later reorder then fails with "The loops are
+    not in a chain because there is a non-single-branch stmt in between")."""
     factor = max(d for d in range(1, min(extent, preferred) + 1) if extent % d == 0)
     if factor <= 1 or factor >= extent:
         return None, loop
@@ -104,7 +105,7 @@ def find_block(sch: Schedule, name: str):
     """The block of that name in a schedule, or None: how a rule recognises one of our kernels."""
     try:
         return sch.get_sblock(name)
-    except Exception:  # TVM raises its own ScheduleError subclasses, all "not here"
+    except tvm.s_tir.schedule.ScheduleError:  # what get_sblock raises for a name the function lacks
         return None
 
 
