@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from torch import nn
 
@@ -74,32 +73,6 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_markdown()
-
-    def plot(self, path: str | Path) -> Path:
-        """Parameters (old vs new) and relative error per replaced layer, as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = self.replaced
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3, 0.35 * len(rows) + 1.5)))
-        names = [r.name for r in rows]
-        positions = range(len(rows))
-        left.barh([p + 0.2 for p in positions], [r.params_old for r in rows], height=0.4, label="old")
-        left.barh([p - 0.2 for p in positions], [r.params_new for r in rows], height=0.4, label="new")
-        left.set_yticks(list(positions), names, fontsize=7)
-        left.set_xlabel("parameters")
-        left.legend()
-        right.barh(list(positions), [r.error or 0.0 for r in rows])
-        right.set_yticks(list(positions), [""] * len(rows))
-        right.set_xlabel(f"relative error on {self.measured_on}")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
 
 
 def report(model: nn.Module) -> Report:
