@@ -1,27 +1,31 @@
-# Two entry points (README): `make demo` and `make test`. Both create or reuse .venv and install everything.
+# Two entry points (README): `make demo` and `make test`. Both create or reuse .venv and install what they need:
+# `make demo` the package with its demo extra (plots, digits data), `make test` with the test extra (which has it).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.base
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+$(BASE):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build first: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(BASE)
 
-demo: $(STAMP)
+$(VENV)/.installed-%: pyproject.toml setup.py $(BASE)
+	$(BIN)/python -m pip install -q -e '.[$*]'
+	touch $@
+
+demo: $(VENV)/.installed-demo
 	$(BIN)/structfx demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench_layers.py
 
 clean:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import runpy
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +16,6 @@ from structfx.errors import StructfxError
 
 app = typer.Typer(help="Structured replacements for PyTorch layers, compiled with TVM.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def user_errors(command):
@@ -45,6 +44,9 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1, help="training epochs per model")] = 30,
 ) -> None:
     """Train digits classifiers with dense and structured layers, compress one, compile and deploy it."""
+    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise StructfxError(f"structfx demo needs {' and '.join(missing)}: pip install 'structfx[demo]'")
     from structfx import demo as job
 
     job.run(out, epochs=epochs)
@@ -170,9 +172,20 @@ def bench(
     extra: Annotated[list[str] | None, typer.Argument(help="arguments passed on to the script")] = None,
 ) -> None:
     """Run one of benchmarks/ and print its tables (results for this machine: benchmarks/README.md)."""
-    script = BENCHMARKS / f"bench_{name}.py"
+    folder = benchmarks_folder()
+    script = folder / f"bench_{name}.py"
     if not script.is_file():
-        available = sorted(p.stem.removeprefix("bench_") for p in BENCHMARKS.glob("bench_*.py"))
-        raise StructfxError(f"no benchmark {name!r} in {BENCHMARKS}; available: {', '.join(available) or 'none'}")
-    sys.argv = [str(script), *(extra or [])]
-    runpy.run_path(str(script), run_name="__main__")
+        available = sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
+        raise StructfxError(f"no benchmark {name!r} in {folder}; available: {', '.join(available) or 'none'}")
+    code = subprocess.run([sys.executable, str(script), *(extra or [])]).returncode
+    if code:
+        raise typer.Exit(code)
+
+
+def benchmarks_folder() -> Path:
+    """benchmarks/, installed as the package structfx.benchmarks (setup.py); in a source checkout run
+    from PYTHONPATH, the repository's own."""
+    spec = importlib.util.find_spec("structfx.benchmarks")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "benchmarks"

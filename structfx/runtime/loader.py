@@ -17,8 +17,8 @@ class Runtime:
     """A loaded artifact: call it with numpy arrays (or torch tensors, through DLPack); numpy comes back
     (torch tensors for torch inputs). Several outputs come back as a tuple, in the model's output order."""
 
-    def __init__(self, directory: Path, manifest: dict, vm, params: list, device) -> None:
-        self.directory, self.manifest, self._vm, self._params, self._device = directory, manifest, vm, params, device
+    def __init__(self, manifest: dict, vm, params: list, device) -> None:
+        self.manifest, self._vm, self._params, self._device = manifest, vm, params, device
         self.inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
         self.row_multiple = manifest.get("row_multiple")
@@ -60,7 +60,7 @@ def load(directory: str | Path, device: str = "cpu") -> Runtime:
     weights = load_file(str(root / WEIGHTS))
     params = [tvm.runtime.tensor(weights[name], dev) for name in manifest["params"]]
     vm = VirtualMachine(tvm.runtime.load_module(str(root / KERNELS)), dev)
-    return Runtime(root, manifest, vm, params, dev)
+    return Runtime(manifest, vm, params, dev)
 
 
 def _check_runnable(target: dict, device: str) -> None:

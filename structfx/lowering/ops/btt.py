@@ -24,7 +24,7 @@ from structfx.lowering.ops.common import (
     vector_lanes,
 )
 
-STAGE1, PERMUTE, STAGE2, OUT = "structfx_btt_stage1", "structfx_btt_permute", "structfx_btt_stage2", "structfx_btt_out"
+STAGE1, STAGE2, OUT = "structfx_btt_stage1", "structfx_btt_stage2", "structfx_btt_out"
 ROW_TILE = 32  # rows per parallel task
 REGISTER_ROWS = 2  # rows of the register accumulator tile
 VECTORS = 4  # vectors of columns in the register accumulator tile
