@@ -132,20 +132,22 @@ class BTTLinear(nn.Module):
         """The Frobenius-optimal BTT of ``weight``: a rank-r truncated SVD of each m0 x n1 block.
 
         A rank above min(m0, n1), the blocks' full rank, is lowered to it: the rest would only add zeros.
+        The SVD runs in float32 (float64 for a float64 weight); the layer has the weight's dtype and device.
         """
         out_features, in_features = weight.shape
         m0 = btt_factors(in_features)[1]
         n1 = btt_factors(out_features)[1]
         rank = min(rank, m0, n1)
-        layer = cls(in_features, out_features, rank, bias is not None).to(weight.dtype)
+        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        layer = cls(in_features, out_features, rank, bias is not None).to(device=weight.device, dtype=work)
         m0, m1, n0, n1 = layer.blocks
-        padded = F.pad(weight.detach(), (0, layer.padded_in - in_features, 0, layer.padded_out - out_features))
+        padded = F.pad(weight.detach().to(work), (0, layer.padded_in - in_features, 0, layer.padded_out - out_features))
         blocks = padded.reshape(n0, n1, m1, m0).permute(2, 0, 3, 1)  # [i1, j0, i0, j1]
         u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
         keep = min(rank, s.shape[-1])
         root = s[..., :keep].sqrt()
-        left = torch.zeros(m1, n0, m0, rank, dtype=weight.dtype)
-        right = torch.zeros(m1, n0, rank, n1, dtype=weight.dtype)
+        left = padded.new_zeros(m1, n0, m0, rank)
+        right = padded.new_zeros(m1, n0, rank, n1)
         left[..., :keep] = u[..., :keep] * root[..., None, :]
         right[..., :keep, :] = vh[..., :keep, :] * root[..., :, None]
         with torch.no_grad():
@@ -153,7 +155,7 @@ class BTTLinear(nn.Module):
             layer.w2.copy_(right.permute(1, 0, 2, 3).reshape(n0, m1 * rank, n1))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
-        return layer
+        return layer.to(weight.dtype)
 
     def extra_repr(self) -> str:
         return (

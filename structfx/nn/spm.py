@@ -221,21 +221,28 @@ class SPMLinear(nn.Module):
         pairing: Pairing = "butterfly",
         inputs: Tensor | None = None,
         steps: int = 300,
-        lr: float = 0.02,
+        lr: float = 0.05,
         seed: int = 0,
+        generator: torch.Generator | None = None,
         progress: bool = False,
-    ) -> tuple[SPMLinear, float]:
-        """Fit an SPM to ``x -> x W^T + bias`` on ``inputs`` (default: Gaussian) with Adam.
+        description: str = "fitting SPM",
+    ) -> tuple[SPMLinear, float | None]:
+        """Fit an SPM to ``x -> x W^T + bias`` on ``inputs`` (default: Gaussian) with Adam, for at most
+        ``steps`` steps, stopping early on a plateau of the error (``structfx.nn.fitting``).
 
-        There is no closed form, and an O(N log N) map cannot match a generic dense W: the relative error
-        ``||SPM(X) - X W^T|| / ||X W^T||`` on the sample inputs is returned beside the layer.
+        ``seed`` fixes the "random" pairing; ``generator`` (default: seeded by ``seed``) draws the initial
+        angles and any Gaussian rows. The fit runs in float32 (float64 for a float64 weight); the layer has
+        the weight's dtype and device. There is no closed form, and an O(N log N) map cannot match a generic
+        dense W: the relative error ``||SPM(X) - X W^T - b|| / ||X W^T + b||`` on the fitting rows is
+        returned beside the layer.
         """
         from structfx.nn.fitting import fit_to_dense
 
         out_features, in_features = weight.shape
-        generator = torch.Generator().manual_seed(seed)
+        generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         layer = cls(in_features, out_features, variant, stages, pairing, bias is not None, seed, generator)
-        return layer, fit_to_dense(layer, weight, bias, inputs, steps, lr, generator, progress)
+        error = fit_to_dense(layer, weight, bias, inputs, steps, lr, generator, progress, description)
+        return layer.to(weight.dtype), error
 
     def extra_repr(self) -> str:
         return (

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from structfx.errors import StructfxError
+from structfx.nn.fitting import relative_error
 
 REPORT_ATTRIBUTE = "structfx_report"
 
@@ -15,21 +19,34 @@ REPORT_ATTRIBUTE = "structfx_report"
 class Row:
     name: str
     rule: str  # the rule that claimed the layer, "" where none could (a part that could not be traced)
-    status: str  # "replaced", "skipped" or "fell back"
+    status: str  # "replaced", "skipped" (a layer left as it was) or "fell back" (a part that was not traced)
     reason: str = ""
     params_old: int = 0
     params_new: int = 0
     ops_old: int = 0
     ops_new: int = 0
-    error: float | None = None  # ||new - old|| / ||old|| on the layer's recorded inputs
+    error: float | None = None  # ||new - old|| / ||old|| on the layer's recorded inputs; None: none recorded
     padding: str = ""
 
 
 @dataclass
 class Report:
+    """Every candidate layer and every part that fell back, and the model's error per output.
+
+    ``output_errors`` maps each output (its pytree path, e.g. ``['pooler_output']``; ``output`` for a
+    single tensor) to ``||new - old|| / ||old||`` over all measured batches, None where no element was
+    measured (zero-row batches). ``model_error`` is the largest of them, so that no output's error hides
+    behind another's scale.
+    """
+
     rows: list[Row] = field(default_factory=list)
-    model_error: float | None = None  # the whole model's output, transformed vs original
+    output_errors: dict[str, float | None] = field(default_factory=dict)
     measured_on: str = "example inputs"
+
+    @property
+    def model_error(self) -> float | None:
+        measured = [error for error in self.output_errors.values() if error is not None]
+        return max(measured) if measured else None
 
     @property
     def replaced(self) -> list[Row]:
@@ -37,14 +54,22 @@ class Report:
 
     @property
     def skipped(self) -> list[Row]:
-        return [row for row in self.rows if row.status != "replaced"]
+        """Layers a rule claimed and left as they were (with the reason)."""
+        return [row for row in self.rows if row.status == "skipped"]
+
+    @property
+    def fell_back(self) -> list[Row]:
+        """Parts that could not be traced: their children were rewritten one by one instead."""
+        return [row for row in self.rows if row.status == "fell back"]
 
     def to_dict(self) -> dict:
         return {
             "model_error": self.model_error,
+            "output_errors": dict(self.output_errors),
             "measured_on": self.measured_on,
             "replaced": len(self.replaced),
             "skipped": len(self.skipped),
+            "fell_back": len(self.fell_back),
             "rows": [asdict(row) for row in self.rows],
         }
 
@@ -64,15 +89,37 @@ class Report:
         total_new = sum(r.params_new for r in self.replaced)
         lines.append("")
         lines.append(
-            f"{len(self.replaced)} replaced, {len(self.skipped)} skipped; parameters of replaced layers "
-            f"{total_old:,} -> {total_new:,}"
-            + ("" if self.model_error is None else f"; model output relative error {self.model_error:.2e}")
-            + f" (on {self.measured_on})"
+            f"{len(self.replaced)} replaced, {len(self.skipped)} skipped, {len(self.fell_back)} parts fell back; "
+            f"parameters of replaced layers {total_old:,} -> {total_new:,}"
         )
+        errors = ", ".join(
+            f"{name} {'not measured (no elements)' if error is None else f'{error:.2e}'}"
+            for name, error in self.output_errors.items()
+        )
+        lines.append(f"model output relative error on {self.measured_on}: {errors or 'no tensor outputs'}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+
+def output_errors(outputs: list, references: list) -> dict[str, float | None]:
+    """Relative error of each tensor output (by pytree path), all batches together; None for an output
+    with no elements in any batch."""
+    got: dict[str, list[Tensor]] = defaultdict(list)
+    want: dict[str, list[Tensor]] = defaultdict(list)
+    for output, reference in zip(outputs, references):
+        new_leaves = dict(_tensor_leaves(output))
+        for name, old in _tensor_leaves(reference):
+            if name in new_leaves:
+                got[name].append(new_leaves[name].detach().flatten().double())
+                want[name].append(old.detach().flatten().double())
+    return {name: relative_error(torch.cat(got[name]), torch.cat(want[name])) for name in want}
+
+
+def _tensor_leaves(value: object) -> list[tuple[str, Tensor]]:
+    leaves, _ = tree_flatten_with_path(value)
+    return [(keystr(path) or "output", leaf) for path, leaf in leaves if isinstance(leaf, Tensor)]
 
 
 def report(model: nn.Module) -> Report:

@@ -43,11 +43,27 @@ def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, o
     return named
 
 
+#: Non-tensor arguments a trace is specialised to, FX guarding each: flags that pick a code path.
+_FLAG_TYPES = (bool, str, torch.dtype, torch.device, type(None))
+
+
 def trace_call(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    """Trace ``module`` with every non-tensor argument of this call baked in (FX guards that it is not
-    called with other values later), and check that the graph reproduces the call."""
+    """Trace ``module`` for calls like this one, and check that the graph reproduces the call.
+
+    Tensors and numbers (a cache length, a position offset: values that change from call to call) stay
+    inputs of the graph; flags (None, bools, strings, dtypes, devices) are baked in, FX guarding that
+    later calls pass the same. A call with any other value (a cache object, a list) is not traced, since
+    the graph would silently keep the example's.
+    """
     arguments = bound_arguments(module, args, kwargs)
-    concrete = {name: value for name, value in arguments.items() if not isinstance(value, torch.Tensor)}
+    concrete = {}
+    for name, value in arguments.items():
+        if isinstance(value, _FLAG_TYPES):
+            concrete[name] = value
+        elif not isinstance(value, (torch.Tensor, int, float)):
+            raise TraceFailure(
+                f"called with {name} of type {type(value).__name__}, which a trace would freeze to its example value"
+            )
     try:
         graph = StructfxTracer().trace(module, concrete_args=concrete)
     except Exception as e:  # tracing runs user code: any failure means "not traceable here"

@@ -8,6 +8,7 @@ no trace reaches are swapped as modules; the report names every part that fell b
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from structfx.passes.recording import (
     record_calls,
 )
 from structfx.passes.registry import SkipSite, builder_for
-from structfx.passes.report import REPORT_ATTRIBUTE, Report, Row
+from structfx.passes.report import REPORT_ATTRIBUTE, Report, Row, output_errors
 from structfx.passes.rewrite import drop_unused_attributes, replace_node
 from structfx.passes.rules.base import Rule
 from structfx.passes.sites import Site, site_from_module, site_from_node
@@ -51,20 +52,79 @@ def transform(
     ``filter_fn(name, module)``: False keeps that layer. When two rules claim a layer, the first wins.
     """
     rules = _checked_rules(rules)
-    example = _as_args(example_inputs)
+    example = _as_args(example_inputs, "example_inputs")
+    _check_positional_call(model, example)
     batches = [example, *_calibration_batches(calibration, example)]
-    result = copy.deepcopy(model)
-    calls, reference_outputs = record_calls(result, batches)
-    rewriter = _Rewriter(rules, filter_fn, calls, use_calibration=len(batches) > 1)
-    result = rewriter.rewrite(result, "")
-    with torch.no_grad(), evaluation_mode(result):
-        outputs = [result(*batch) for batch in batches[1:] or batches]
-    measured = reference_outputs[1:] or reference_outputs
+    with torch.random.fork_rng(devices=_cuda_devices(model)):  # the global RNG is left as it was
+        result = copy.deepcopy(model)
+        labels = ["example_inputs", *(f"calibration batch {i}" for i in range(len(batches) - 1))]
+        calls, reference_outputs = _run_model(record_calls, result, batches, labels, "the model")
+        rewriter = _Rewriter(rules, filter_fn, calls, use_calibration=len(batches) > 1)
+        try:
+            result = rewriter.rewrite(result, "")
+        except StructfxError:
+            raise
+        except Exception as e:  # a fault in the rewrite itself: still named, with where it happened
+            where = rewriter.rows[-1].name if rewriter.rows else "<model>"
+            raise StructfxError(
+                f"transform failed while rewriting (last layer visited: {where}): {type(e).__name__}: {e}; "
+                f"keep that part out with filter_fn and report the model to structfx"
+            ) from e
+        measured = batches[1:] or batches
+        with torch.no_grad(), evaluation_mode(result):
+            outputs, _ = _run_model(_outputs, result, measured, labels[1:] or labels, "the transformed model")
     setattr(result, REPORT_ATTRIBUTE, Report(
-        rewriter.rows, _output_error(outputs, measured),
+        rewriter.rows, output_errors(outputs, reference_outputs[1:] or reference_outputs),
         "calibration inputs" if len(batches) > 1 else "example inputs",
     ))
     return result
+
+
+def _outputs(model: nn.Module, batches: list[tuple]) -> tuple[list, None]:
+    return [model(*batch) for batch in batches], None
+
+
+def _run_model(run: Callable, model: nn.Module, batches: list[tuple], labels: list[str], what: str):
+    """``run(model, batches)``, with the model's own error turned into one that names the module it came
+    from and the batch."""
+    try:
+        return run(model, batches)
+    except StructfxError:
+        raise
+    except Exception as e:
+        index, module_name = _failing_call(model, batches)
+        raise StructfxError(
+            f"{what} fails on {labels[index]} in {module_name}: {type(e).__name__}: {e}. Check that example_inputs "
+            f"(and calibration batches) are the positional inputs of one forward call, with the shapes and "
+            f"dtypes the model expects"
+        ) from e
+
+
+def _failing_call(model: nn.Module, batches: list[tuple]) -> tuple[int, str]:
+    """(batch index, path of the innermost module running) where the model raises: the batches are run
+    again with hooks that track which modules have started and not finished."""
+    running: list[str] = []
+    names = {m: name or f"<model> ({type(m).__name__})" for name, m in model.named_modules()}
+    handles = []
+    for module in names:
+        handles.append(module.register_forward_pre_hook(lambda m, args: running.append(names[m])))
+        handles.append(module.register_forward_hook(lambda m, args, out: running.pop()))
+    try:
+        with torch.no_grad(), evaluation_mode(model):
+            for index, batch in enumerate(batches):
+                running.clear()
+                try:
+                    model(*batch)
+                except Exception:
+                    return index, running[-1] if running else names[model]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 0, names[model]
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 @dataclass
@@ -92,8 +152,7 @@ class _Rewriter:
         try:
             gm = trace_call(module, calls[0].args, calls[0].kwargs)
         except TraceFailure as failure:
-            if any(True for _ in module.children()):
-                self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
+            self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
             return self._rewrite_children(module, prefix)
         self._rewrite_graph(gm, prefix, module, calls)
         gm.training = module.training  # a new GraphModule starts in training mode; its parts keep theirs
@@ -151,6 +210,14 @@ class _Rewriter:
         except SkipSite as skip:
             row.reason = str(skip)
             return None
+        except StructfxError:
+            raise
+        except Exception as e:
+            node = "" if site.node is None else f" (node {site.node.name})"
+            raise StructfxError(
+                f"{type(rule).__name__} could not convert {site.name}{node}: {type(e).__name__}: {e}; "
+                f"keep this layer with filter_fn"
+            ) from e
         row.status, row.params_new, row.ops_new = "replaced", cost.parameter_count(new), cost.ops_per_row(new)
         row.padding = cost.padding_note(new)
         row.error = _layer_error(site, new)
@@ -175,19 +242,6 @@ def _layer_error(site: Site, new: nn.Module) -> float | None:
     return relative_error(new_out, old_out)
 
 
-def _output_error(outputs: list, references: list) -> float | None:
-    """Relative error over every floating tensor of the model's outputs."""
-    pairs = [
-        (got.flatten().double(), want.flatten().double())
-        for out, ref in zip(outputs, references)
-        for got, want in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref))
-        if isinstance(want, Tensor) and want.is_floating_point()
-    ]
-    if not pairs:
-        return None
-    return relative_error(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
-
-
 def _checked_rules(rules: Rule | Sequence[Rule]) -> list[Rule]:
     rules = [rules] if not isinstance(rules, (list, tuple)) else list(rules)
     if not rules:
@@ -197,14 +251,29 @@ def _checked_rules(rules: Rule | Sequence[Rule]) -> list[Rule]:
     return rules
 
 
-def _as_args(inputs) -> tuple:
+def _as_args(inputs, what: str) -> tuple:
     if isinstance(inputs, Tensor):
         return (inputs,)
     if isinstance(inputs, (tuple, list)) and inputs:
         return tuple(inputs)
+    hint = ": convert numpy arrays with torch.from_numpy" if hasattr(inputs, "__array__") else ""
     raise StructfxError(
-        f"example_inputs must be a tensor or a non-empty tuple of a forward call's inputs, got {type(inputs).__name__}"
+        f"{what} must be a tensor or a non-empty tuple of a forward call's inputs, got {type(inputs).__name__}{hint}"
     )
+
+
+def _check_positional_call(model: nn.Module, example: tuple) -> None:
+    """transform calls the model as ``model(*example_inputs)``: a forward that cannot take that fails here."""
+    try:
+        inspect.signature(model.forward).bind(*example)
+    except TypeError as e:
+        raise StructfxError(
+            f"{type(model).__name__}.forward cannot take the {len(example)} example_inputs positionally ({e}); "
+            f"transform passes them as model(*example_inputs): wrap a keyword-only forward in a module whose "
+            f"forward takes them in order"
+        ) from e
+    except ValueError:  # no signature to inspect (a builtin): the call itself will tell
+        return
 
 
 def _calibration_batches(calibration: Iterable | None, example: tuple) -> list[tuple]:
@@ -213,10 +282,24 @@ def _calibration_batches(calibration: Iterable | None, example: tuple) -> list[t
         return []
     if isinstance(calibration, Tensor):
         calibration = [calibration]
+    elif hasattr(calibration, "__array__"):
+        raise StructfxError(
+            f"calibration is a {type(calibration).__name__}: pass torch tensors (torch.from_numpy(array) is one "
+            f"batch; a list of tensors or a DataLoader gives several)"
+        )
+    try:
+        batches_in = iter(calibration)
+    except TypeError as e:
+        raise StructfxError(
+            f"calibration must be a tensor or an iterable of batches (a list of tensors or tuples, a DataLoader), "
+            f"got {type(calibration).__name__}"
+        ) from e
     batches = []
-    for index, batch in enumerate(calibration):
-        args = _as_args(batch)[: len(example)]
+    for index, batch in enumerate(batches_in):
+        args = _as_args(batch, f"calibration batch {index}")[: len(example)]
         for position, (got, want) in enumerate(zip(args, example)):
+            if not isinstance(want, Tensor):
+                continue
             if not isinstance(got, Tensor) or got.shape[1:] != want.shape[1:] or got.dtype != want.dtype:
                 described = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, Tensor) else type(got).__name__
                 raise StructfxError(

@@ -30,9 +30,9 @@ def test_unknown_rule_lists_the_known_ones(rule):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: sfx.BTT(rank=0), r"BTT\(rank=0\) must be a positive integer"),
-        (lambda: sfx.SPM(variant="lower"), r"SPM\(variant='lower'\) is not one of"),
-        (lambda: sfx.MaxPlus(init="zeros"), r"MaxPlus\(init='zeros'\) is not one of"),
+        (lambda: sfx.BTT(rank=0), r"BTT\(rank=0\) must be at least 1"),
+        (lambda: sfx.SPM(variant="lower"), r"SPM\(variant='lower'\) must be one of 'orthogonal', 'general'"),
+        (lambda: sfx.MaxPlus(init="zeros"), r"MaxPlus\(init='zeros'\) must be one of 'relu', 'paper'"),
         (lambda: sfx.MaxPlusPool(min_features=0), r"MaxPlusPool\(min_features=0\) must be at least 1"),
     ],
 )

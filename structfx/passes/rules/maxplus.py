@@ -10,14 +10,16 @@ from torch import nn
 from structfx.errors import StructfxError
 from structfx.nn import ChannelMaxPlus, SparseMaxPlus
 from structfx.passes.registry import SkipSite, register_rule
-from structfx.passes.rules.base import Rule, check_choice, check_positive
+from structfx.passes.rules.base import Rule, check_at_least
+from structfx.passes.rules.placement import placed
 from structfx.passes.sites import Site
 
 
 @dataclass(frozen=True)
 class MaxPlus(Rule):
     """Sparse max-plus with ``k`` finite weights per output, same width as the ReLU it replaces.
-    ``init="relu"`` keeps the function exactly; ``"paper"`` is the paper's random init."""
+    ``init="relu"`` keeps the function exactly; ``"paper"`` is the paper's random init. The inactive
+    indices (and the "paper" weights) are drawn from ``seed``."""
 
     k: int = 2
     init: Literal["relu", "paper"] = "relu"
@@ -25,8 +27,7 @@ class MaxPlus(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "k", self.k)
-        check_choice(self, "init", self.init, ("relu", "paper"))
+        check_at_least(self, "k", 1)
 
 
 @register_rule(MaxPlus)
@@ -41,4 +42,4 @@ def relu_to_maxplus(rule: MaxPlus, site: Site) -> nn.Module:
             f"or keep small layers out with min_features / filter_fn"
         )
     layer_type = ChannelMaxPlus if len(site.input_shape) == 4 else SparseMaxPlus
-    return layer_type(features, features, rule.k, init=rule.init)
+    return placed(layer_type(features, features, rule.k, init=rule.init, generator=rule.generator(site)), site)

@@ -11,6 +11,7 @@ from structfx.errors import StructfxError
 from structfx.nn import MaxPlusPool2d
 from structfx.passes.registry import SkipSite, register_rule
 from structfx.passes.rules.base import Rule
+from structfx.passes.rules.placement import placed
 from structfx.passes.sites import Site
 
 
@@ -27,6 +28,7 @@ def pool_to_maxplus(rule: MaxPlusPool, site: Site) -> nn.Module:
     if site.input_shape is None or len(site.input_shape) not in (3, 4):
         raise SkipSite(f"input shape {site.input_shape} is not (N, C, H, W) or (C, H, W)")
     try:
-        return MaxPlusPool2d.from_module(site.module, site.features, tuple(site.input_shape[-2:]))
+        layer = MaxPlusPool2d.from_module(site.module, site.features, tuple(site.input_shape[-2:]))
     except StructfxError as e:
         raise SkipSite(str(e)) from e
+    return placed(layer, site)

@@ -41,6 +41,10 @@ def _parse_one(text: str) -> Rule:
 def _convert(raw: str, hint, where: str):
     if raw.lower() == "none" and type(None) in typing.get_args(hint):
         return None
+    if hint is bool:
+        if raw.lower() not in ("true", "false"):
+            raise StructfxError(f"{where}={raw!r} must be true or false")
+        return raw.lower() == "true"
     if hint is int or int in typing.get_args(hint):
         try:
             return int(raw)
