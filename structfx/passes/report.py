@@ -27,6 +27,15 @@ class Row:
 
 @dataclass
 class Report:
+    """What ``structfx.transform`` did, one ``Row`` per candidate layer in model order: the rule, whether
+    it was replaced, skipped (and why) or fell back (a part tracing could not reach), old and new
+    parameter counts, multiply-adds per input row (for max-plus: add-max pairs; pools: window size),
+    the layer's relative error ``||new - old|| / ||old||`` on its recorded inputs, and any padding.
+    ``model_error`` is the same relative error of the whole model's outputs, on ``measured_on``
+    ("calibration inputs" or "example inputs"). Get it with ``structfx.report(model)``, which raises
+    StructfxError for a module that ``transform`` did not return; ``to_markdown()`` and ``to_dict()``
+    render it."""
+
     rows: list[Row] = field(default_factory=list)
     model_error: float | None = None  # the whole model's output, transformed vs original
     measured_on: str = "example inputs"
