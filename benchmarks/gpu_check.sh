@@ -30,6 +30,10 @@ export PYTHONPATH="$PWD/$CARRY/site"
 export TVM_USE_RUNTIME_LIB=1
 # TVM's CUDA runtime links libcudart.so.13: the machine's own first, the carried copy last
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:$PWD/$CARRY/lib"
+if ! "$PYTHON" -c "import numpy" 2>/dev/null; then
+    for wheel in "$CARRY"/wheels/numpy-*.whl; do "$PYTHON" -m zipfile -e "$wheel" "$CARRY/numpy_site"; done
+    export PYTHONPATH="$PYTHONPATH:$PWD/$CARRY/numpy_site"
+fi
 {
     echo "== $(date -u) on $(hostname)"
     "$PYTHON" --version

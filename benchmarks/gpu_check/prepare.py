@@ -6,6 +6,7 @@ The GPU machine has Python 3.12, a CUDA torch and nvcc, but no TVM and no struct
 
     site/           tvm (runtime only), tvm_ffi for the GPU's Python, safetensors, structfx's runtime
     lib/            libcudart.so.13, which TVM's CUDA runtime links (used only where the GPU has none)
+    wheels/         numpy for the GPU's Python (unpacked there only if it has no numpy)
     artifacts/NAME/ one saved artifact per check (compiled for --target)
     cases/NAME/     inputs and float64 CPU references (.npy) for each batch size
     plan.json       what to run: every check's artifact, inputs, tolerance, and for the timed kernels
@@ -165,15 +166,16 @@ def site_packages(root: Path, python_version: str) -> None:
     import tvm_ffi
 
     wheels = root / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", f"apache-tvm-ffi=={tvm_ffi.__version__}",
-                    "--no-deps", "--only-binary=:all:", "--python-version", python_version,
-                    "--platform", f"manylinux_2_28_{platform.machine()}", "-d", str(wheels)], check=True)
+    for requirement in (f"apache-tvm-ffi=={tvm_ffi.__version__}", f"numpy=={np.__version__}"):
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", requirement, "--no-deps",
+                        "--only-binary=:all:", "--python-version", python_version,
+                        "--platform", f"manylinux_2_28_{platform.machine()}", "-d", str(wheels)], check=True)
     for old in [site / "tvm_ffi", *site.glob("apache_tvm_ffi-*.dist-info")]:
         shutil.rmtree(old)
     (wheel,) = wheels.glob("apache_tvm_ffi-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
-    shutil.rmtree(wheels)
+    wheel.unlink()  # numpy's wheel stays: gpu_check.sh unpacks it where the machine has no numpy
     for name in TVM_FFI_BUILD_ONLY:
         path = site / "tvm_ffi" / name
         if path.is_dir():

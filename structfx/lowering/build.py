@@ -16,7 +16,23 @@ from structfx.lowering.target import resolve_target
 def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, database=None) -> CompiledModel:
     """Compile ``model`` for ``target`` (default: this CPU). Weights stay out of the kernels (they are
     inputs of the compiled function), so one build serves any weights of the same shapes. With
-    ``database`` (from ``structfx.tune``), each kernel of ours takes its best tuned schedule."""
+    ``database`` (from ``structfx.tune``), each kernel takes its best tuned schedule.
+
+    ``model``: an ``nn.Module`` that ``torch.export`` can capture (``structfx.transform``'s result is,
+    wherever the original is); it is exported in eval mode and not modified. ``example_inputs``: a
+    tensor or tuple of tensors of one forward call; dim 0 of each becomes a symbolic batch unless the
+    model pins it. ``target``: ``None``/``"llvm"``/``"cpu"`` (this CPU, detected), ``"cuda"`` (this
+    machine's GPU), ``"cuda -arch=sm_XY"``, a dict or a ``tvm.target.Target``. ``database``: a
+    directory written by ``structfx.tune`` for the same target and TVM version.
+
+    Returns a ``CompiledModel``: call it with torch tensors of the exported shapes and dtypes (any
+    batch size where the batch is symbolic); it returns torch tensors in the model's output structure.
+    ``.save(dir)`` writes the artifact ``structfx.runtime.load`` runs.
+
+    Raises StructfxError for a model torch.export or TVM cannot import, an unsupported or malformed
+    target (``"cuda"`` without an arch on a machine without a GPU), and a database that is not one or
+    was tuned for another target or TVM version.
+    """
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     tvm_target = resolve_target(target)
     program, symbolic_batch = export_for_compile(model, args)

@@ -31,12 +31,18 @@ class Row:
 
 @dataclass
 class Report:
-    """Every candidate layer and every part that fell back, and the model's error per output.
+    """What ``structfx.transform`` did, one ``Row`` per candidate layer in model order and one per part
+    that fell back (a part tracing could not reach): the rule, whether it was replaced, skipped (and why)
+    or fell back, old and new parameter counts, multiply-adds per input row (for max-plus: add-max pairs;
+    pools: window size), the layer's relative error ``||new - old|| / ||old||`` on its recorded inputs,
+    and any padding.
 
     ``output_errors`` maps each output (its pytree path, e.g. ``['pooler_output']``; ``output`` for a
-    single tensor) to ``||new - old|| / ||old||`` over all measured batches, None where no element was
-    measured (zero-row batches). ``model_error`` is the largest of them, so that no output's error hides
-    behind another's scale.
+    single tensor) to ``||new - old|| / ||old||`` over all measured batches (``measured_on``: "calibration
+    inputs" or "example inputs"), None where no element was measured (zero-row batches). ``model_error``
+    is the largest of them, so that no output's error hides behind another's scale. Get a report with
+    ``structfx.report(model)``, which raises StructfxError for a module that ``transform`` did not
+    return; ``to_markdown()`` and ``to_dict()`` render it.
     """
 
     rows: list[Row] = field(default_factory=list)

@@ -46,10 +46,22 @@ def transform(
     """A copy of ``model`` with every layer a rule claims replaced; ``structfx.report(result)`` says what
     changed. ``model`` itself is never modified.
 
-    ``example_inputs``: the positional inputs of one forward call (traced and measured on).
-    ``calibration``: batches like ``example_inputs`` (a tensor or a tuple; a longer tuple such as
-    ``(x, y)`` from a labelled loader keeps its first inputs) used to fit layers and measure errors.
-    ``filter_fn(name, module)``: False keeps that layer. When two rules claim a layer, the first wins.
+    ``model``: any ``nn.Module``; traced whole with torch.fx where it can be, else child by child.
+    ``rules``: one or a list of ``structfx.BTT``, ``SPM``, ``MaxPlus``, ``MaxPlusPool``; when two claim
+    a layer, the first wins. ``example_inputs``: the positional inputs of one forward call, a tensor or a
+    tuple (e.g. ``(B, n_in)`` float32 for an MLP, ``(B, seq)`` int64 token ids for a transformer); the
+    model runs on them to record each layer's inputs, shapes and dtypes. ``calibration``: an iterable of
+    batches like ``example_inputs`` with any batch size (a longer tuple such as ``(x, y)`` from a
+    labelled loader keeps its first inputs), used to fit the new layers (SPM) and to measure every
+    error on; without it, errors are measured on ``example_inputs``. ``filter_fn(name, module)``: False
+    keeps that layer (``name`` is its dotted module path).
+
+    Returns an ``nn.Module`` with the same call signature and output structure, in ``model``'s training
+    mode, with the report attached. Errors in the report are relative Frobenius norms
+    ``||new - old|| / ||old||``; parameters and multiply-adds are counts per layer and per row.
+
+    Raises StructfxError for no rules or an unknown one, ``example_inputs`` that is not a tensor or a
+    non-empty tuple, and a calibration batch whose trailing shape or dtype differs from the example's.
     """
     rules = _checked_rules(rules)
     example = _as_args(example_inputs, "example_inputs")

@@ -48,7 +48,22 @@ class Runtime:
 
 def load(directory: str | Path, device: str = "cpu") -> Runtime:
     """Check the artifact (manifest digest, format version, sha256 of every file) BEFORE loading its
-    native code, check that this machine can run its target, then load it."""
+    native code, check that this machine can run its target, then load it.
+
+    ``directory``: an artifact written by ``CompiledModel.save``. ``device``: ``"cpu"`` for an llvm
+    build, ``"cuda"`` (GPU 0) for a cuda build. Needs numpy, safetensors and TVM's runtime library only
+    (``TVM_USE_RUNTIME_LIB=1`` or the folder ``python -m structfx.runtime.bundle`` writes): no torch, no
+    TVM compiler.
+
+    Returns a ``Runtime``: call it with numpy arrays (or CPU torch tensors) of the shapes and dtypes in
+    its ``inputs`` (``None`` in a shape is the batch: any size); it returns numpy arrays (torch tensors
+    for torch inputs), a tuple for several outputs. A call with the wrong number, shape or dtype of
+    inputs raises StructfxError before any kernel runs.
+
+    Raises StructfxError for a missing, changed or newer-format artifact, a device that does not match
+    the build, a CPU without the instruction-set features the build uses, no CUDA GPU, or a GPU whose
+    compute capability cannot run the build's CUDA architecture.
+    """
     root = Path(directory)
     manifest = read_verified_manifest(root)
     _check_runnable(manifest["target"], device)

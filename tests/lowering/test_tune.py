@@ -1,14 +1,21 @@
-"""tune(): measured records kept, resumed, killed and reloaded, used by compile; local and over RPC.
+"""tune(): measured records kept, resumed, killed and reloaded, used by compile; local and over RPC; no
+process or temporary directory left behind.
 
 Budgets are tiny (CI has 2 cores); what is checked is the bookkeeping, not the speed-ups."""
 
+import collections
+import getpass
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 
+import psutil
 import pytest
 import torch
 from torch import nn
@@ -16,6 +23,21 @@ from torch import nn
 import structfx as sfx
 from structfx.lowering.target import resolve_target
 from structfx.lowering.tuning.database import HEADER, RECORDS, TuningDatabase
+from structfx.lowering.tuning.tasks import extract_tasks, samples_anything, standard_space, workload_of
+
+#: torch.export's compile cache (torch's own, kept between runs by design): the only thing tune may leave
+TORCH_CACHE = f"torchinductor_{getpass.getuser()}"
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(tmp_path, monkeypatch):
+    """Every test here runs with its own temporary directory, and must leave it empty and no child process."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    yield
+    assert not psutil.Process().children(recursive=True)
+    assert [p.name for p in scratch.iterdir() if p.name != TORCH_CACHE] == []
 
 
 def _model():
@@ -57,6 +79,26 @@ def test_the_rest_of_the_module_is_tuned_too(tmp_path):
     assert float((compiled(x) - want).norm() / want.norm()) < 1e-4
 
 
+def test_no_trial_goes_to_a_kernel_with_nothing_to_tune(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Linear(48, 40).eval(), torch.randn(16, 48)
+    sfx.tune(model, x, trials=3, database=tmp_path / "db", progress=False)
+    measured = collections.Counter(r["kernel"] for r in _records(tmp_path / "db"))
+    assert measured == {"matmul": 3}  # the weight's transpose and the bias add have one schedule each
+    from structfx.lowering.build import define_row_tiles, lower_to_relax
+    from structfx.lowering.export import export_for_compile
+    from structfx.lowering.schedules import legalize
+
+    target = resolve_target()
+    program, _ = export_for_compile(model, (x,))
+    mod = legalize(define_row_tiles(lower_to_relax(program, target)[0]), target)
+    tasks = {t.name for t in extract_tasks(mod, target)}
+    assert tasks == {"matmul"}
+    for gv, func in mod.functions_items():
+        if gv.name_hint not in tasks and hasattr(func, "buffer_map"):
+            assert not samples_anything(workload_of(func), standard_space(), target), gv.name_hint
+
+
 def test_compile_keeps_the_hand_schedule_when_it_is_the_best_record(tmp_path):
     model, x = _model()
     sfx.tune(model, x, trials=1, database=tmp_path / "db", progress=False)
@@ -82,14 +124,15 @@ def test_a_killed_run_leaves_a_database_that_loads_and_resumes(tmp_path):
     database = tmp_path / "db"
     command = [sys.executable, "-m", "structfx", "tune", f"{tmp_path / 'model.py'}:build",
                "--database", str(database), "--trials", "200"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
         while len(_records(database)) < 3 and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
     finally:
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # its measuring worker too
         process.wait()
+        _wait_for_group_exit([process.pid])
     kept = (database / RECORDS).read_bytes()
     kept = kept[: kept.rindex(b"\n") + 1]  # whatever was flushed whole
     (database / RECORDS).write_bytes(kept + b'{"kernel": "structfx_sparse_ma')  # and a torn line after it
@@ -140,14 +183,17 @@ def _wait_for_port(port: int, seconds: float = 60) -> None:
 
 def test_tuning_through_a_tracker_and_two_servers(tmp_path):
     port = _free_port()
+    # each in a session of its own: tracker and servers run their services in popen_worker children,
+    # which a signal to the parent alone would leave running
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                "--port", str(port), "--port-end", str(port + 1)])
+                                "--port", str(port), "--port-end", str(port + 1)], start_new_session=True)
     servers = []
     try:
         _wait_for_port(port)
         for _ in range(2):
             servers.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                                             "--tracker", f"127.0.0.1:{port}", "--key", "structfx-test"]))
+                                             "--tracker", f"127.0.0.1:{port}", "--key", "structfx-test"],
+                                            start_new_session=True))
         time.sleep(4)
         model, x = _model()
         sfx.tune(model, x, trials=3, database=tmp_path / "db", rpc=f"127.0.0.1:{port}", key="structfx-test",
@@ -155,5 +201,42 @@ def test_tuning_through_a_tracker_and_two_servers(tmp_path):
         assert len(_records(tmp_path / "db")) == 3
     finally:
         for process in [*servers, tracker]:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+        _wait_for_group_exit([p.pid for p in [*servers, tracker]])
+
+
+def _wait_for_group_exit(groups: list[int], seconds: float = 10) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        alive = [p for p in psutil.process_iter() if _group(p) in groups]
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"still running: {[p.cmdline() for p in alive]}")
+
+
+def _group(process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return None
+
+
+def test_the_tune_command_leaves_no_process_and_no_temporary_directory(tmp_path):
+    (tmp_path / "model.py").write_text(BUILD)
+    scratch, marker = tmp_path / "tmpdir", uuid.uuid4().hex
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "STRUCTFX_TEST_MARKER": marker}
+    subprocess.run([sys.executable, "-m", "structfx", "tune", f"{tmp_path / 'model.py'}:build", "--database",
+                    str(tmp_path / "db"), "--trials", "2"], env=env, check=True, capture_output=True)
+    assert len(_records(tmp_path / "db")) == 2
+    assert [p.name for p in scratch.iterdir() if p.name != TORCH_CACHE] == []
+    assert [p.cmdline() for p in psutil.process_iter() if _has_marker(p, marker)] == []
+
+
+def _has_marker(process, marker: str) -> bool:
+    try:
+        return process.environ().get("STRUCTFX_TEST_MARKER") == marker
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False

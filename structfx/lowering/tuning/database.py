@@ -2,9 +2,10 @@
 
 One JSON line per measurement -- kernel, workload hash, schedule trace, seconds -- appended and flushed
 as soon as it is measured, so a run stopped at any moment (Ctrl-C, SIGKILL) keeps every finished
-measurement; at most a torn last line is left, and opening drops it. (MetaSchedule's own JSONDatabase
-crashed with apache-tvm-ffi 0.1.15 when it serialized a workload, and a record here also needs the
-structfx-side facts, kernel name and hand-schedule flag, that it has no place for.)
+measurement; at most a torn last line is left, and opening drops it. MetaSchedule writes into it through
+``RecordsDatabase``, a ``PyDatabase`` given to ``tune_tasks``. (MetaSchedule's own JSONDatabase crashed
+with apache-tvm-ffi 0.1.15 when it serialized a workload, and a record here also needs the structfx-side
+facts, kernel name and hand-schedule flag, that it has no place for.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from structfx.errors import StructfxError
-from structfx.lowering.compat import Target, tvm
+from structfx.lowering.compat import Schedule, Target, derived_object, meta_schedule, tvm
 
 HEADER, RECORDS = "structfx_tuning.json", "records.jsonl"
 
@@ -100,3 +101,52 @@ def plain_json(value):
     if hasattr(value, "items"):
         return {str(k): plain_json(v) for k, v in value.items()}
     return [plain_json(v) for v in value]
+
+
+#: What MetaSchedule files as the run time of a candidate that failed to build or run.
+FAILED_SECONDS = 1e9
+
+
+@derived_object
+class RecordsDatabase(meta_schedule.database.PyDatabase):
+    """A TuningDatabase as MetaSchedule's database: each tuning record ``tune_tasks`` commits is filed in
+    records.jsonl at once (failed candidates are not), and its queries read the records back as traces
+    replayed on the workloads. ``kernels`` names each workload hash (the records carry kernel names)."""
+
+    def __init__(self, records: TuningDatabase, target: Target, kernels: dict[str, str]) -> None:
+        super().__init__()
+        self.records, self.target, self.kernels = records, target, kernels
+        self.workloads: dict[str, meta_schedule.database.Workload] = {}
+
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        return workload_hash(mod) in self.workloads
+
+    def commit_workload(self, mod: tvm.IRModule):
+        key = workload_hash(mod)
+        if key not in self.workloads:
+            self.workloads[key] = meta_schedule.database.Workload(mod)
+        return self.workloads[key]
+
+    def commit_tuning_record(self, record) -> None:
+        seconds = [float(s) for s in (record.run_secs or [])]
+        if not seconds or max(seconds) >= FAILED_SECONDS:
+            return
+        key = workload_hash(record.workload.mod)
+        trace = plain_json(record.trace.as_json())
+        self.records.add(Record(self.kernels[key], key, trace, sum(seconds) / len(seconds), hand=False))
+
+    def get_top_k(self, workload, top_k: int) -> list:
+        best = sorted(self.records.of(workload_hash(workload.mod)), key=lambda r: r.seconds)[:top_k]
+        return [self._tuning_record(r, workload) for r in best]
+
+    def get_all_tuning_records(self) -> list:
+        return [self._tuning_record(r, w) for key, w in self.workloads.items() for r in self.records.of(key)]
+
+    def __len__(self) -> int:
+        return len(self.records.records)
+
+    def _tuning_record(self, record: Record, workload):
+        sch = Schedule(workload.mod)
+        tvm.s_tir.schedule.Trace.apply_json_to_schedule(record.trace, sch)
+        args = meta_schedule.arg_info.ArgInfo.from_prim_func(workload.mod["main"])
+        return meta_schedule.database.TuningRecord(sch.trace, workload, [record.seconds], self.target, args)

@@ -1,31 +1,39 @@
-"""What there is to tune in a model: every kernel whose schedule rule has knobs (ours, and the generic
-rule for the rest of the module), as PrimFuncs with the batch fixed for measuring."""
+"""What there is to tune in a model: every kernel whose design space samples something, as a PrimFunc
+with the batch fixed for measuring.
+
+Our kernels (``structfx_*``) are searched over their hand schedules' knobs (``OpRule.schedule`` with
+``tunable=True``); every other kernel over MetaSchedule's standard CPU design space (``PostOrderApply``
+with the target's default schedule rules: multi-level tiling, parallelisation, vectorisation, unrolling,
+and its default postprocessors). A kernel whose space has no sampled decision has one schedule only
+(e.g. a reduction under a rule whose knobs are for elementwise loops): it is not a task, so no trial is
+spent measuring the same schedule again.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import types
 from dataclasses import dataclass
 
-from structfx.lowering.compat import Schedule, Target, tirx, tvm
+from structfx.lowering.compat import Schedule, Target, meta_schedule, tirx, tvm
 from structfx.lowering.ops.common import OpRule
 from structfx.lowering.schedules import rules_for
 
+ms = meta_schedule
+
 #: The batch tuning measures at (and the key its records are filed under): 16 * TUNING_ROW_TILES rows.
 TUNING_ROW_TILES = 16
+#: Kernel names of our own ops (what their TE computes are called); everything else is TVM's.
+OUR_PREFIX = "structfx_"
 
 
 @dataclass
 class Task:
     name: str
     workload: tvm.IRModule  # the batch fixed: what is measured and what the database is keyed by
-    rule: OpRule
-
-
-def our_rule(func: tirx.PrimFunc, target: Target) -> OpRule | None:
-    """The first OpRule that schedules ``func`` (ours for our kernels, the generic rule otherwise)."""
-    for rule in rules_for(target):
-        if isinstance(rule, OpRule) and rule.apply(func, target, False) is not None:
-            return rule
-    return None
+    space: ms.space_generator.SpaceGenerator
+    hand: Schedule  # the schedule compile gives it without a database: measured first
 
 
 def workload_of(func: tirx.PrimFunc) -> tvm.IRModule:
@@ -35,18 +43,83 @@ def workload_of(func: tirx.PrimFunc) -> tvm.IRModule:
     return tvm.IRModule({"main": fixed.with_attr("global_symbol", "main")})
 
 
+def hand_schedule(workload: tvm.IRModule, target: Target) -> Schedule | None:
+    """What compile's rules do to the workload: the first rule that applies (as ApplyDefaultSchedule)."""
+    for rule in rules_for(target):
+        with target:
+            found = rule.apply(workload["main"], target, False)
+        if isinstance(found, list):
+            found = found[0] if found else None
+        if found is not None:
+            return found
+    return None
+
+
+def knob_space(rule: OpRule, target: Target) -> ms.space_generator.SpaceGenerator:
+    """The rule's hand schedule with its knobs sampled: nothing else added, nothing checked after."""
+
+    def sampled(sch: Schedule) -> Schedule:
+        rule.schedule(sch, target, True)
+        return sch
+
+    return ms.space_generator.ScheduleFn(sampled, sch_rules=[], postprocs=[], mutator_probs={})
+
+
+def standard_space() -> ms.space_generator.SpaceGenerator:
+    """MetaSchedule's own design space with the target's default rules, postprocessors and mutators."""
+    return ms.space_generator.PostOrderApply()
+
+
+def context(task_name: str, workload: tvm.IRModule, space, target: Target, logger=None) -> ms.TuneContext:
+    return ms.TuneContext(mod=workload, target=target, space_generator=space, search_strategy="replay-trace",
+                          task_name=task_name, num_threads=1, logger=logger).clone()
+
+
+def samples_anything(workload: tvm.IRModule, space, target: Target) -> bool:
+    """Whether some design space of ``space`` on ``workload`` has a sampled decision to search."""
+    return any(len(sch.trace.decisions) for sch in context("probe", workload, space, target).generate_design_space())
+
+
 def extract_tasks(mod: tvm.IRModule, target: Target) -> list[Task]:
-    """One task per kernel with knobs in a legalized Relax module."""
+    """One task per kernel of a legalized Relax module with something to tune."""
     tasks = []
-    for gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc):
-            rule = our_rule(func, target)
-            if rule is not None and rule.has_knobs:
-                tasks.append(Task(gv.name_hint, workload_of(func), rule))
+    with without_tensor_intrinsics():
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            workload = workload_of(func)
+            hand = hand_schedule(workload, target)
+            if hand is None:
+                continue
+            if gv.name_hint.startswith(OUR_PREFIX):
+                rule = our_rule(workload["main"], target)
+                space = knob_space(rule, target) if rule is not None and rule.has_knobs else None
+            else:
+                space = standard_space()
+            if space is not None and samples_anything(workload, space, target):
+                tasks.append(Task(gv.name_hint, workload, space, hand))
     return tasks
 
 
-def hand_schedule(task: Task, target: Target) -> Schedule:
-    sch = Schedule(task.workload)
-    task.rule.schedule(sch, target, False)
-    return sch
+def our_rule(func: tirx.PrimFunc, target: Target) -> OpRule | None:
+    """The first of our OpRules that schedules ``func``."""
+    for rule in rules_for(target):
+        if isinstance(rule, OpRule) and rule.apply(func, target, False) is not None:
+            return rule
+    return None
+
+
+@contextlib.contextmanager
+def without_tensor_intrinsics():
+    """MetaSchedule's TuneContext imports every tensorization intrinsic TVM has (parsing some 250
+    TVMScript functions: about 40 s here) although the CPU design spaces here use none. Stand in an
+    empty module meanwhile; a real import later still gets the real one."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        del sys.modules[name]

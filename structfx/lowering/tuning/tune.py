@@ -1,20 +1,18 @@
-"""``structfx.tune``: MetaSchedule over the knobs of our hand schedules, resumable, local or over RPC.
+"""``structfx.tune``: MetaSchedule over every kernel of a model, resumable, local or over RPC.
 
-The design space of each kernel is its hand schedule with the tile sizes sampled (``OpRule.schedule``
-with ``tunable=True``; for TVM's own ops, the generic rule's split of elementwise loops), searched by
-replaying it with fresh samples. The hand schedule itself is
-measured first and filed as a record, so the best record of a workload is never slower than the hand
-schedule as measured, and compile keeps the hand schedule wherever tuning found nothing better.
+Our kernels are searched over their hand schedules' knobs (tile sizes), the others over MetaSchedule's
+standard CPU design space (tasks.py), each by replaying its space with fresh samples. Each kernel's hand
+schedule (what compile gives it without a database) is measured first and filed as a record, so the best
+record of a workload is never slower than the hand schedule as measured, and compile keeps the hand
+schedule wherever tuning found nothing better. Measurements go to the database directory as they finish.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import shutil
 import socket
-import sys
 import tempfile
-import types
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -24,8 +22,8 @@ from structfx.errors import StructfxError
 from structfx.lowering.compat import Schedule, Target, derived_object, meta_schedule, tar, tirx, tvm
 from structfx.lowering.schedules import legalize
 from structfx.lowering.target import resolve_target
-from structfx.lowering.tuning.database import Record, TuningDatabase, plain_json, workload_hash
-from structfx.lowering.tuning.tasks import Task, extract_tasks, hand_schedule, workload_of
+from structfx.lowering.tuning.database import Record, RecordsDatabase, TuningDatabase, plain_json, workload_hash
+from structfx.lowering.tuning.tasks import Task, context, extract_tasks, without_tensor_intrinsics, workload_of
 
 ms = meta_schedule
 
@@ -40,10 +38,20 @@ def tune(
     key: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Tune every kernel of ``model`` (ours, and TVM's for the rest of the module) up to ``trials``
-    measurements each, the hand schedule's included; runs again continue from what ``database`` holds.
-    ``rpc="host:port"`` with ``key`` measures on the RPC servers registered under that key at that TVM
-    tracker, building locally."""
+    """Tune every kernel of ``model`` that has something to tune, up to ``trials`` measurements each (the
+    hand schedule's included); a run again continues from what ``database`` holds.
+
+    ``model`` is an ``nn.Module`` (e.g. ``structfx.transform``'s result) and ``example_inputs`` a tensor
+    or tuple of tensors as for ``structfx.compile``: the batch dimension is symbolic, and kernels are
+    measured at 256 rows. ``target`` as for compile (default: this CPU). ``database`` is a directory,
+    made if missing; its ``records.jsonl`` gets one line per finished measurement (kernel, trace, mean
+    seconds per call). ``rpc="host:port"`` with ``key`` measures on the RPC servers registered under that
+    key at that TVM tracker, building locally. Returns the database's path.
+
+    Raises StructfxError for ``trials < 1``, a database tuned for another target or TVM version or
+    holding other files, a malformed or unreachable ``rpc``, a hand schedule that does not build or run,
+    and what compile raises for the model. Leaves no worker process and no build directory behind.
+    """
     from structfx.lowering.build import define_row_tiles, lower_to_relax
     from structfx.lowering.export import export_for_compile
 
@@ -51,16 +59,22 @@ def tune(
         raise StructfxError(f"trials={trials} must be at least 1")
     tvm_target = resolve_target(target)
     runner = make_runner(rpc, key)
-    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    program, symbolic = export_for_compile(model, args)
-    mod, _ = lower_to_relax(program, tvm_target)
-    mod = define_row_tiles(mod) if symbolic else mod
-    db = TuningDatabase(database, tvm_target, create=True)
-    builder = InProcessBuilder()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}")]
-    with Progress(*columns, disable=not progress) as bar:
-        for task in extract_tasks(legalize(mod, tvm_target), tvm_target):
-            _tune_task(task, tvm_target, trials, db, builder, runner, database, bar)
+    try:
+        args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+        program, symbolic = export_for_compile(model, args)
+        mod, _ = lower_to_relax(program, tvm_target)
+        mod = define_row_tiles(mod) if symbolic else mod
+        db = TuningDatabase(database, tvm_target, create=True)
+        tasks = extract_tasks(legalize(mod, tvm_target), tvm_target)
+        records = RecordsDatabase(db, tvm_target, {workload_hash(t.workload): t.name for t in tasks})
+        builder = InProcessBuilder()
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[best]}")]
+        with Progress(*columns, disable=not progress) as bar, without_tensor_intrinsics():
+            for task in tasks:
+                _tune_task(task, tvm_target, trials, records, builder, runner, database, bar)
+    finally:
+        runner.pool.shutdown()  # its measuring worker process (LocalRunner and RPCRunner alike)
     return Path(database)
 
 
@@ -81,8 +95,9 @@ def make_runner(rpc: str | None, key: str | None):
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator)
 
 
-def _tune_task(task: Task, target: Target, trials: int, db: TuningDatabase, builder, runner, work_dir, bar) -> None:
-    key = workload_hash(task.workload)
+def _tune_task(task: Task, target: Target, trials: int, records: RecordsDatabase, builder, runner, work_dir,
+               bar) -> None:
+    db, key = records.records, workload_hash(task.workload)
     if not db.of(key):
         db.add(_measure_hand_schedule(task, target, key, builder, runner))
     hand = next((r.seconds for r in db.of(key) if r.hand), None)
@@ -91,64 +106,30 @@ def _tune_task(task: Task, target: Target, trials: int, db: TuningDatabase, buil
     _show_best(bar, line, db, key, hand)
     if done >= trials:
         return
-    with _without_tensor_intrinsics():
-        _search(task, target, trials - done, db, builder, runner, work_dir, bar, line, key, hand)
-
-
-def _search(task: Task, target: Target, trials: int, db, builder, runner, work_dir, bar, line, key, hand) -> None:
-    """Replay the task's tunable schedule ``trials`` times, filing each measurement as it finishes.
-
-    Calls ``tune_tasks`` with a TuneContext of our own logger: ``tune_tir``'s per-directory file
-    loggers fail on a second call in the same process (MetaSchedule's logging config parameterisation).
-    """
-    space = ms.space_generator.ScheduleFn(
-        lambda sch: _sampled(task, sch, target), sch_rules=[], postprocs=[], mutator_probs={}
-    )
-    context = ms.TuneContext(
-        mod=task.workload, target=target, space_generator=space, search_strategy="replay-trace",
-        task_name=task.name, num_threads=1, logger=logging.getLogger("structfx.tune"),
-    ).clone()
     ms.tune_tasks(
-        tasks=[context], task_weights=[1.0], work_dir=str(work_dir), max_trials_global=trials,
-        num_trials_per_iter=min(trials, 8), builder=builder, runner=runner, database=ms.database.MemoryDatabase(),
+        tasks=[context(task.name, task.workload, task.space, target, logging.getLogger("structfx.tune"))],
+        task_weights=[1.0], work_dir=str(work_dir), max_trials_global=trials - done,
+        num_trials_per_iter=min(trials - done, 8), builder=builder, runner=runner, database=records,
         cost_model="random", task_scheduler="round-robin",
-        measure_callbacks=[ms.measure_callback.RemoveBuildArtifact(), _Recorder(task.name, key, db, bar, line, hand)],
+        measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                           _Progress(bar, line, db, key, hand)],
     )
-
-
-@contextlib.contextmanager
-def _without_tensor_intrinsics():
-    """MetaSchedule's TuneContext imports every tensorization intrinsic TVM has (parsing some 250
-    TVMScript functions: about 40 s here) although our design spaces use none. Stand in an empty module
-    while tuning; a real import later still gets the real one."""
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        yield
-        return
-    sys.modules[name] = types.ModuleType(name)
-    try:
-        yield
-    finally:
-        del sys.modules[name]
-
-
-def _sampled(task: Task, sch, target: Target):
-    task.rule.schedule(sch, target, True)
-    return sch
 
 
 def _measure_hand_schedule(task: Task, target: Target, key: str, builder, runner) -> Record:
-    sch = hand_schedule(task, target)
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
+    built = builder.build([ms.builder.BuilderInput(task.hand.mod, target)])[0]
     if built.error_msg:
         raise StructfxError(f"the hand schedule of {task.name} did not build: {built.error_msg.splitlines()[0]}")
-    args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
-    device = "cuda" if target.kind.name == "cuda" else "cpu"
-    result = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])[0].result()
+    try:
+        args_info = ms.arg_info.ArgInfo.from_prim_func(task.hand.mod["main"])
+        device = "cuda" if target.kind.name == "cuda" else "cpu"
+        result = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])[0].result()
+    finally:
+        shutil.rmtree(Path(built.artifact_path).parent)
     if result.error_msg:
         raise StructfxError(f"measuring {task.name} failed: {result.error_msg.strip().splitlines()[-1]}")
     seconds = sum(float(s) for s in result.run_secs) / len(result.run_secs)
-    return Record(task.name, key, plain_json(sch.trace.as_json()), seconds, hand=True)
+    return Record(task.name, key, plain_json(task.hand.trace.as_json()), seconds, hand=True)
 
 
 def _show_best(bar, line, db: TuningDatabase, key: str, hand: float | None) -> None:
@@ -178,19 +159,14 @@ class InProcessBuilder(ms.builder.PyBuilder):
 
 
 @derived_object
-class _Recorder(ms.measure_callback.PyMeasureCallback):
-    """Files each finished measurement in the database at once, and advances the task's progress bar."""
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Advances the task's progress bar and shows its best record so far."""
 
-    def __init__(self, kernel: str, key: str, db: TuningDatabase, bar, line, hand: float | None) -> None:
+    def __init__(self, bar, line, db: TuningDatabase, key: str, hand: float | None) -> None:
         super().__init__()
-        self.kernel, self.key, self.db, self.bar, self.line, self.hand = kernel, key, db, bar, line, hand
+        self.bar, self.line, self.db, self.key, self.hand = bar, line, db, key, hand
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-        for candidate, result in zip(measure_candidates, runner_results):
-            if result.error_msg is None and result.run_secs:
-                seconds = sum(float(s) for s in result.run_secs) / len(result.run_secs)
-                trace = plain_json(candidate.sch.trace.as_json())
-                self.db.add(Record(self.kernel, self.key, trace, seconds, hand=False))
         self.bar.advance(self.line, len(runner_results))
         _show_best(self.bar, self.line, self.db, self.key, self.hand)
 
