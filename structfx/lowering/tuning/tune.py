@@ -44,7 +44,7 @@ def tune(
     measurements each, the hand schedule's included; runs again continue from what ``database`` holds.
     ``rpc="host:port"`` with ``key`` measures on the RPC servers registered under that key at that TVM
     tracker, building locally."""
-    from structfx.lowering.build import define_row_tiles, lower_to_relax
+    from structfx.lowering.build import lower_to_relax
     from structfx.lowering.export import export_for_compile
 
     if trials < 1:
@@ -52,9 +52,7 @@ def tune(
     tvm_target = resolve_target(target)
     runner = make_runner(rpc, key)
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    program, symbolic = export_for_compile(model, args)
-    mod, _ = lower_to_relax(program, tvm_target)
-    mod = define_row_tiles(mod) if symbolic else mod
+    mod, _ = lower_to_relax(export_for_compile(model, args), tvm_target)
     db = TuningDatabase(database, tvm_target, create=True)
     builder = InProcessBuilder()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}")]
