@@ -1,16 +1,32 @@
-"""``structfx.compile``: torch.export -> Relax (our ops through our converters) -> scheduled TIR -> VM."""
+"""``structfx.compile``: torch.export -> Relax (our ops through our converters) -> scheduled TIR -> VM.
+
+Every failure leaves as a StructfxError that names its stage (export, import, legalize, schedule,
+build), the op it failed on (the fx node, the Relax op or the kernel) and what to do, cause chained.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import Tensor, nn
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import detach_params, from_exported_program, relax, tvm
 from structfx.lowering.compiled import CompiledModel
 from structfx.lowering.converters import converter_map
-from structfx.lowering.export import ROW_MULTIPLE, export_for_compile, input_specs, output_specs
-from structfx.lowering.schedules import apply_schedules, legalize
+from structfx.lowering.export import export_for_compile, input_specs, output_specs
+from structfx.lowering.graph_fixes import prepare_for_import
+from structfx.lowering.schedules import apply_schedules, legalize, rules_for
 from structfx.lowering.target import resolve_target
+
+#: What TVM and the torch importer raise (TVM's own errors subclass RuntimeError, ValueError...).
+FAILURES = (RuntimeError, ValueError, TypeError, AssertionError, KeyError, IndexError, NotImplementedError,
+            AttributeError)
+UNSUPPORTED_HINT = (
+    "if TVM does not support this op, rewrite that part of forward with ops it does (see README, "
+    "'How compile works'), or keep it out of the compiled module"
+)
 
 
 def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, database=None) -> CompiledModel:
@@ -20,62 +36,141 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
 
     ``model``: an ``nn.Module`` that ``torch.export`` can capture (``structfx.transform``'s result is,
     wherever the original is); it is exported in eval mode and not modified. ``example_inputs``: a
-    tensor or tuple of tensors of one forward call; dim 0 of each becomes a symbolic batch unless the
-    model pins it. ``target``: ``None``/``"llvm"``/``"cpu"`` (this CPU, detected), ``"cuda"`` (this
-    machine's GPU), ``"cuda -arch=sm_XY"``, a dict or a ``tvm.target.Target``. ``database``: a
+    tensor, tuple or dict of tensors of one forward call; the batch (dim 0 of every input that has
+    one) and the sequence length of token inputs stay symbolic where the model allows. ``target``:
+    ``None``/``"llvm"``/``"cpu"`` (this CPU, detected), ``"cuda"`` (this machine's GPU),
+    ``"cuda -arch=sm_XY"``, a dict or a ``tvm.target.Target``. ``database``: a
     directory written by ``structfx.tune`` for the same target and TVM version.
 
     Returns a ``CompiledModel``: call it with torch tensors of the exported shapes and dtypes (any
     batch size where the batch is symbolic); it returns torch tensors in the model's output structure.
     ``.save(dir)`` writes the artifact ``structfx.runtime.load`` runs.
 
-    Raises StructfxError for a model torch.export or TVM cannot import, an unsupported or malformed
-    target (``"cuda"`` without an arch on a machine without a GPU), and a database that is not one or
-    was tuned for another target or TVM version.
+    Raises StructfxError naming the stage (export, import, legalize, schedule, build), the op and the
+    fix for a model torch.export or TVM cannot take, an unsupported or malformed target (``"cuda"``
+    without an arch on a machine without a GPU), and a database that is not one or was tuned for
+    another target or TVM version.
     """
-    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    args = (example_inputs,) if isinstance(example_inputs, (Tensor, dict)) else tuple(example_inputs)
     tvm_target = resolve_target(target)
-    program, symbolic_batch = export_for_compile(model, args)
+    program = export_for_compile(model, args)
     mod, params = lower_to_relax(program, tvm_target)
-    if symbolic_batch:
-        mod = define_row_tiles(mod)
-    mod = legalize(mod, tvm_target)
+    mod = legalize_module(mod, tvm_target)
     if database is not None:
         from structfx.lowering.tuning import apply_database
 
         mod = apply_database(mod, tvm_target, database)
-    mod = apply_schedules(mod, tvm_target)
+    mod = schedule_module(mod, tvm_target)
     kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint.startswith("structfx_"))
-    executable = tvm.compile(mod, target=tvm_target)
+    try:
+        executable = tvm.compile(mod, target=tvm_target)
+    except FAILURES as e:
+        raise StructfxError(f"[build] tvm.compile failed: {_gist(e)}; report it with the model") from e
     return CompiledModel(
         executable, params, input_specs(program), output_specs(program), program.call_spec.out_spec, tvm_target,
-        ROW_MULTIPLE if symbolic_batch else None, kernels,
+        kernels,
     )
 
 
 def lower_to_relax(program, target):
     """The Relax module of an exported program, parameters detached: (module, [weights in order])."""
     try:
-        mod = from_exported_program(program, keep_params_as_input=True, custom_convert_map=converter_map(target))
-    except AssertionError as e:  # TVM reports unsupported torch ops with a bare assertion
-        raise StructfxError(f"TVM cannot import this model: {e}") from e
+        with torch.no_grad():
+            mod = from_exported_program(prepare_for_import(program), keep_params_as_input=True,
+                                        custom_convert_map=converter_map(target), run_ep_decomposition=False)
+    except FAILURES as e:
+        raise StructfxError(f"[import] TVM cannot import {_failing_node(e)}: {_gist(e)}; {UNSUPPORTED_HINT}") from e
     mod, params = detach_params(mod)
-    return mod, list(params.get("main", []))
+    return _sizes_from_one(mod), list(params.get("main", []))
 
 
-def define_row_tiles(mod):
-    """Give ``main`` a shape parameter ``(q,)`` for the batch ``ROW_MULTIPLE * q``: the VM reads a
-    symbolic var only from a dimension that is that var alone, and the kernels need to know the batch
-    divides into tiles."""
+def _sizes_from_one(mod):
+    """torch.export bounds a symbolic size below by 2 (it specialises 0 and 1); the compiled code
+    serves 1 as well, so tell TVM so."""
     func = mod["main"]
-    num_input = int(func.attrs["num_input"])
-    symbolic = list(relax.analysis.free_symbolic_vars(func)) + list(relax.analysis.defined_symbolic_vars(func))
-    if len(symbolic) != 1:
-        raise StructfxError(f"expected the batch as the only symbolic dimension, found {symbolic}")
-    row_tiles = symbolic[0]
-    shape_param = relax.Var("row_tiles", relax.ShapeType([row_tiles]))
-    params = [*func.params[:num_input], shape_param, *func.params[num_input:]]
-    attrs = {**func.attrs, "num_input": num_input + 1, "tir_var_lower_bound": {row_tiles.name: 1}}
-    attrs = tvm.ir.make_node("ir.DictAttrs", **attrs)
-    mod["main"] = relax.Function(params, func.body, func.ret_ty, func.is_pure, attrs)
+    bounds = func.attrs.get("tir_var_lower_bound") if func.attrs is not None else None
+    if bounds:
+        attrs = {**func.attrs, "tir_var_lower_bound": {name: min(int(v), 1) for name, v in bounds.items()}}
+        mod["main"] = func.with_attrs(attrs) if hasattr(func, "with_attrs") else func.with_attr(
+            "tir_var_lower_bound", attrs["tir_var_lower_bound"])
     return mod
+
+
+def legalize_module(mod, target):
+    try:
+        return legalize(mod, target)
+    except FAILURES as e:
+        raise StructfxError(
+            f"[legalize] TVM cannot lower {_failing_relax_op(mod, target)}: {_gist(e)}; {UNSUPPORTED_HINT}"
+        ) from e
+
+
+def schedule_module(mod, target):
+    try:
+        return apply_schedules(mod, target)
+    except FAILURES as e:
+        raise StructfxError(
+            f"[schedule] no schedule for kernel {_failing_kernel(mod, target)}: {_gist(e)}; compile without a "
+            f"database or report it with the model"
+        ) from e
+
+
+def _gist(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    checks = [line for line in lines if "Check failed" in line]
+    return (checks or lines or [type(error).__name__])[0][:400]
+
+
+def _failing_node(error: Exception) -> str:
+    """The fx node being converted when ``error`` was raised (the innermost frame with a ``node``)."""
+    tb, found = error.__traceback__, None
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node):
+            found = node
+        tb = tb.tb_next
+    if found is None:
+        return "the exported program"
+    stack = found.meta.get("stack_trace", "").strip().splitlines()
+    where = f" (from {stack[-2].strip()})" if len(stack) >= 2 else ""
+    return f"fx node {found.format_node()}{where}"
+
+
+def _failing_relax_op(mod, target) -> str:
+    """Legalize again, recording each call, to name the Relax op that fails (only run on failure)."""
+    current = []
+
+    def recording(legalize_op):
+        def legalize_call(bb, call):
+            current.append(call)
+            result = legalize_op(bb, call)
+            current.pop()
+            return result
+
+        return legalize_call
+
+    ops = {}
+    for name in tvm.ir.Op.list_op_names():
+        legalize_op = tvm.ir.Op.get(name).get_attr("FLegalize")
+        if legalize_op is not None:
+            ops[name] = recording(legalize_op)
+    with target, contextlib.suppress(*FAILURES):
+        relax.transform.LegalizeOps(ops)(mod)
+    if not current:
+        return "the module"
+    call = current[-1]
+    args = ", ".join(str(a.struct_info) for a in call.args if isinstance(a, relax.Expr))
+    return f"Relax op {call.op.name}({args})"
+
+
+def _failing_kernel(mod, target) -> str:
+    """Schedule each PrimFunc alone to name the one that fails (only run on failure)."""
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        try:
+            with target:
+                tvm.s_tir.dlight.ApplyDefaultSchedule(*rules_for(target))(tvm.IRModule({gv: func}))
+        except FAILURES:
+            return gv.name_hint
+    return "(none alone)"

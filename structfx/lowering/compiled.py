@@ -9,19 +9,18 @@ from torch import Tensor
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Target, relax, tvm
-from structfx.lowering.export import pad_rows
 from structfx.runtime.signature import TensorSpec, check_inputs
 
 
 class CompiledModel:
-    """Call it like the model it came from. Inputs are checked against the exported signature before
-    any kernel runs; a symbolic batch accepts any batch size. ``save(dir)`` writes a deployable artifact."""
+    """Call it like the model it came from. Inputs are checked against the exported signature
+    (structfx.runtime.signature) before any kernel runs; symbolic dims (the batch, a sequence length)
+    take any size in their bounds, with no padding. ``save(dir)`` writes a deployable artifact."""
 
     def __init__(self, executable, params: list, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 out_spec, target: Target, row_multiple: int | None, kernels: list[str]) -> None:
+                 out_spec, target: Target, kernels: list[str]) -> None:
         self.executable, self.params = executable, params
         self.inputs, self.outputs, self.out_spec, self.target = inputs, outputs, out_spec, target
-        self.row_multiple = row_multiple  # None: static batch
         self.kernels = kernels  # names of our own scheduled kernels in the build
         self.device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
         self._vm, self._device_params = None, None
@@ -42,17 +41,8 @@ class CompiledModel:
     def __call__(self, *args: Tensor):
         self.check_inputs(args)
         vm, params = self._machine()
-        rows = args[0].shape[0] if args and args[0].dim() > 0 else None
-        if self.row_multiple is not None:
-            args = pad_rows(args, self.row_multiple)
-        values = [self._to_device(a) for a in args]
-        if self.row_multiple is not None:
-            values.append(tvm.runtime.ShapeTuple([args[0].shape[0] // self.row_multiple]))
-        result = vm["main"](*values, *params)
+        result = vm["main"](*[self._to_device(a) for a in args], *params)
         leaves = [torch.from_dlpack(t) for t in ([result] if hasattr(result, "__dlpack__") else list(result))]
-        leaves = [
-            leaf[:rows] if spec.shape and spec.shape[0] is None else leaf for leaf, spec in zip(leaves, self.outputs)
-        ]
         return torch.utils._pytree.tree_unflatten(leaves, self.out_spec)
 
     def _to_device(self, tensor: Tensor):

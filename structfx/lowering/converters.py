@@ -32,7 +32,10 @@ def register_converter(op_name: str) -> Callable[[Converter], Converter]:
 
 
 def converter_map(target: Target) -> dict[str, Callable]:
-    """The custom_convert_map for ``target``: each converter sees the target it builds for."""
+    """The custom_convert_map for ``target``: each of our ops' converters sees the target it builds for;
+    ``structfx.lowering.aten`` stands in for TVM's converters of a few ATen ops."""
     import structfx.lowering.ops  # noqa: F401  (registers every op's converter)
+    from structfx.lowering.aten import CONVERTERS as ATEN_CONVERTERS
 
-    return {key: functools.partial(convert, target=target) for key, convert in _CONVERTERS.items()}
+    ours = {key: functools.partial(convert, target=target) for key, convert in _CONVERTERS.items()}
+    return {**ATEN_CONVERTERS, **ours}

@@ -1,65 +1,295 @@
-"""torch.export for compilation: inference mode, a symbolic batch where the model allows one."""
+"""torch.export for compilation: inference mode, each input's dynamic dims decided on their own.
+
+Dim 0 of every tensor input is asked to be dynamic (the batch), and dim 1 of integer inputs of rank 2
+(token ids, attention masks: the sequence) up to the model's maximum length where its config gives one.
+torch.export's constraint solver decides: an input without a batch dim (a (64,) bias, a (T, T) mask)
+comes out static while the others vary. A dim that must become static is named, with torch's reason,
+in a warning before anything is built.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import sympy
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 
 from structfx.errors import StructfxError
 from structfx.passes.recording import evaluation_mode
-from structfx.runtime.signature import TensorSpec, padded_rows
+from structfx.runtime.signature import TensorSpec
 
-#: A symbolic batch is exported as ROW_MULTIPLE * q, so every kernel's row tiles divide it and need no
-#: remainder loops; the compiled model pads other batch sizes (repeating the last row) and slices.
-ROW_MULTIPLE = 16
-
-
-def pad_rows(args: tuple, multiple: int, minimum: int = 0) -> tuple:
-    """Each tensor's dim 0 grown to a multiple of ``multiple`` (and at least ``minimum``) by repeating
-    its last row."""
-    def pad(a):
-        if not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] == 0:
-            return a
-        rows = max(minimum, padded_rows(a.shape[0], multiple))
-        if rows == a.shape[0]:
-            return a
-        return torch.cat([a, a[-1:].expand(rows - a.shape[0], *a.shape[1:])])
-
-    return tuple(pad(a) for a in args)
+#: Config fields that give a transformers model's longest sequence, in the order they are looked up.
+MAX_LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_source_positions", "max_length")
 
 
-def export_for_compile(model: nn.Module, args: tuple) -> tuple[torch.export.ExportedProgram, bool]:
-    """Export in eval mode with dim 0 of every input as one symbolic batch (ROW_MULTIPLE * q); static
-    shapes where the model pins the batch. Returns the program and whether its batch is symbolic."""
-    multiple_of = ROW_MULTIPLE * torch.export.Dim("q")
-    dynamic = tuple({0: multiple_of} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
-    with evaluation_mode(model), torch.no_grad():
+@dataclass(frozen=True)
+class DynamicDim:
+    """A dim compile asks torch.export to keep symbolic: which input, which dim, its role and bound."""
+
+    input: int
+    dim: int
+    role: str  # "batch" or "sequence"
+    maximum: int | None = None
+
+    def describe(self, names: list[str]) -> str:
+        return f"dim {self.dim} ({self.role}) of input {names[self.input]!r}"
+
+
+def export_for_compile(model: nn.Module, args: tuple) -> torch.export.ExportedProgram:
+    """Export ``model`` on ``args`` in eval mode, with the dims of ``requested_dims`` symbolic where the
+    model allows. Raises StructfxError (stage "export") naming the cause and the fix."""
+    names = input_names(model, len(args))
+    check_example_inputs(model, args, names)
+    requested = requested_dims(model, args)
+    example = _exportable_example(args, requested)
+    with evaluation_mode(model), torch.no_grad(), _register_output_types(model):
         try:
-            example = pad_rows(args, ROW_MULTIPLE, minimum=2 * ROW_MULTIPLE)  # q = 1 would be specialised
-            return torch.export.export(model, example, dynamic_shapes=dynamic, strict=False), True
-        except Exception:  # the model pins the batch size: compile it static
-            try:
-                return torch.export.export(model, args, strict=False), False
-            except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise StructfxError(
-                    f"torch.export could not capture {type(model).__name__}: {first}. compile needs an exportable "
-                    f"forward (no data-dependent Python control flow); structfx.transform's result is exportable "
-                    f"where the original model is"
-                ) from e
+            return _export(model, example, requested, Dim.DYNAMIC)
+        except torch._dynamo.exc.UserError as e:
+            if e.error_type is not torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
+                raise export_error(model, e) from e
+            reason = e
+        except (RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as e:
+            raise export_error(model, e) from e
+        try:
+            program = _export(model, example, requested, Dim.AUTO)
+        except (RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as e:
+            raise export_error(model, e) from e
+    static = [d for d in requested if not _is_symbolic(program, d)]
+    if static:
+        dims = "; ".join(d.describe(names) for d in static)
+        warnings.warn(
+            f"compiling {type(model).__name__} with {dims} fixed at the example's size: the model does not "
+            f"allow it to vary (torch.export: {_first_lines(reason, 3)})",
+            stacklevel=3,
+        )
+    return program
+
+
+def input_names(model: nn.Module, count: int) -> list[str]:
+    """The names of forward's first ``count`` positional parameters (``input{i}`` where unknown)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [positional[i] if i < len(positional) else f"input{i}" for i in range(count)]
+
+
+def check_example_inputs(model: nn.Module, args: tuple, names: list[str]) -> None:
+    """Refuse what compile cannot take before exporting: non-tensor inputs, keyword-only parameters
+    forward needs, and inputs the model itself rejects in eager mode (a dtype it does not compute in)."""
+    for name, arg in zip(names, args):
+        if isinstance(arg, dict):
+            raise StructfxError(
+                f"example input {name!r} is a dict: compile takes tensors, passed positionally in forward's "
+                f"order; pass the dict's tensors as a tuple (e.g. tuple(batch.values())), or wrap the model in a "
+                f"module whose forward takes them one by one"
+            )
+        if not isinstance(arg, Tensor):
+            raise StructfxError(
+                f"example input {name!r} is a {type(arg).__name__}: compile takes tensors only; fix non-tensor "
+                f"arguments in a wrapper module (e.g. functools.partial inside its forward)"
+            )
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    required = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if required:
+        raise StructfxError(
+            f"{type(model).__name__}.forward takes {', '.join(required)} as keyword-only: compile passes example "
+            f"inputs positionally; wrap it in a module whose forward(self, {', '.join(required)}) calls "
+            f"model({', '.join(f'{n}={n}' for n in required)})"
+        )
+    with evaluation_mode(model), torch.no_grad(), _quiet_torch_logs():
+        try:
+            model(*args)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise StructfxError(_eager_failure(model, args, names, e)) from e
+
+
+def _eager_failure(model: nn.Module, args: tuple, names: list[str], error: Exception) -> str:
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    given = ", ".join(f"{n}: {tuple(a.shape)} {str(a.dtype).removeprefix('torch.')}" for n, a in zip(names, args))
+    message = f"[export] {type(model).__name__} fails on the example inputs in eager PyTorch ({_first_lines(error, 1)})"
+    suspects = [
+        n for n, a in zip(names, args)
+        if weights is not None and not a.is_floating_point() and "dtype" in str(error).lower()
+        or weights is not None and a.is_floating_point() and a.dtype != weights
+    ]
+    if suspects:
+        want = str(weights).removeprefix("torch.")
+        return (
+            f"{message}: input {', '.join(repr(s) for s in suspects)} has the wrong dtype for a model that computes "
+            f"in {want} (given {given}); pass {want} tensors (e.g. x.to(torch.{want}))"
+        )
+    return f"{message}; given {given}: pass inputs the model runs on"
+
+
+def requested_dims(model: nn.Module, args: tuple) -> list[DynamicDim]:
+    """Dim 0 of every tensor with at least one dim; dim 1 of rank-2 integer tensors (token ids and
+    their masks), bounded by the model's maximum sequence length where its config gives one."""
+    config = getattr(model, "config", None)
+    longest = next((getattr(config, f) for f in MAX_LENGTH_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    dims = []
+    for i, arg in enumerate(args):
+        if arg.dim() > 0:
+            dims.append(DynamicDim(i, 0, "batch"))
+        if arg.dim() == 2 and not arg.is_floating_point() and not arg.is_complex() and config is not None:
+            dims.append(DynamicDim(i, 1, "sequence", longest))
+    return dims
+
+
+def _exportable_example(args: tuple, requested: list[DynamicDim]) -> tuple:
+    """``args`` with every requested dim of size 0 or 1 grown to 2 (by repeating): torch.export
+    specialises sizes 0 and 1."""
+    grown = list(args)
+    for d in requested:
+        size = grown[d.input].shape[d.dim]
+        if size == 1:
+            grown[d.input] = torch.cat([grown[d.input]] * 2, dim=d.dim)
+    return tuple(grown)
+
+
+def _export(model: nn.Module, example: tuple, requested: list[DynamicDim], hint) -> torch.export.ExportedProgram:
+    shapes: list[dict | None] = [None] * len(example)
+    for d in requested:
+        shapes[d.input] = {**(shapes[d.input] or {}), d.dim: hint(min=2, max=d.maximum) if d.maximum else hint}
+    with _quiet_torch_logs():
+        return torch.export.export(model, example, dynamic_shapes=tuple(shapes), strict=False)
+
+
+def _is_symbolic(program: torch.export.ExportedProgram, d: DynamicDim) -> bool:
+    kinds = torch.export.graph_signature.InputKind
+    user = [s.arg.name for s in program.graph_signature.input_specs if s.kind == kinds.USER_INPUT]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user[d.input])
+    return not isinstance(node.meta["val"].shape[d.dim], int)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs whole graphs at warning level when it fails: keep them off stderr (the error
+    raised says what failed)."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch._dynamo", "torch.export", "torch._export",
+                                                "torch.fx.experimental.symbolic_shapes")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _register_output_types(model: nn.Module):
+    """transformers models return cache objects (GPT-2's DynamicCache with use_cache=True): register them
+    as pytree nodes the way transformers' own exporter does, so their tensors become outputs."""
+    if type(model).__module__.startswith("transformers."):
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+
+        register_cache_pytrees_for_model(model)
+    yield
+
+
+def export_error(model: nn.Module, error: Exception) -> StructfxError:
+    """The StructfxError for a failed export; the control-flow hint only where control flow is the cause."""
+    where = _user_frame(error)
+    message = f"[export] torch.export could not capture {type(model).__name__}{where}: {_first_lines(error, 2)}"
+    if _is_control_flow(error):
+        message += (
+            ". compile needs an exportable forward: no Python control flow on tensor values (rewrite it with "
+            "torch.where / torch.cond, or move it out of forward)"
+        )
+    else:
+        message += ". Fix or wrap the part of forward named above so torch.export can trace it"
+    return StructfxError(message)
+
+
+def _is_control_flow(error: Exception) -> bool:
+    text = str(error)
+    if isinstance(error, torch._dynamo.exc.UserError):
+        return error.error_type is torch._dynamo.exc.UserErrorType.DYNAMIC_CONTROL_FLOW
+    data_dependent = getattr(torch.fx.experimental.symbolic_shapes, "GuardOnDataDependentSymNode", ())
+    return isinstance(error, data_dependent) or "data-dependent" in text or "data dependent" in text
+
+
+def _user_frame(error: Exception) -> str:
+    """` at file:line` of the innermost frame of the model's own code in the traceback, '' if none."""
+    tb, found = error.__traceback__, ""
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if "/torch/" not in filename and "/structfx/lowering/" not in filename:
+            found = f" at {filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found
+
+
+def _first_lines(error: Exception, count: int) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return " ".join(lines[:count]) if lines else type(error).__name__
 
 
 def input_specs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
+    """The user inputs' specs; a symbolic dim is named by its role where it first appears ("batch" at
+    dim 0, "sequence" at dim 1), the same name wherever the same symbol appears."""
     kinds = torch.export.graph_signature.InputKind
     user = {s.arg.name for s in program.graph_signature.input_specs if s.kind == kinds.USER_INPUT}
-    return [_spec(n.name, n.meta["val"]) for n in program.graph.nodes if n.op == "placeholder" and n.name in user]
+    nodes = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user]
+    return [_spec(n.name, n.meta["val"], _dim_names(program)) for n in nodes]
 
 
 def output_specs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
     outputs = next(n for n in program.graph.nodes if n.op == "output").args[0]
-    return [_spec(f"output{i}", node.meta["val"]) for i, node in enumerate(outputs)]
+    return [_spec(f"output{i}", node.meta["val"], _dim_names(program)) for i, node in enumerate(outputs)]
 
 
-def _spec(name: str, value: Tensor) -> TensorSpec:
-    shape = tuple(int(d) if isinstance(d, int) or not hasattr(d, "node") else None for d in value.shape)
-    return TensorSpec(name, shape, str(value.dtype).removeprefix("torch."))
+def _dim_names(program: torch.export.ExportedProgram) -> dict:
+    """symbol -> (name, (lower, upper or None)) for every symbol that is a whole input dim."""
+    kinds = torch.export.graph_signature.InputKind
+    user = {s.arg.name for s in program.graph_signature.input_specs if s.kind == kinds.USER_INPUT}
+    names: dict = {}
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        for dim, size in enumerate(node.meta["val"].shape):
+            expr = size.node.expr if hasattr(size, "node") else None
+            if expr is None or not expr.is_Symbol or expr in names:
+                continue
+            role = {0: "batch", 1: "sequence"}.get(dim, f"dim{dim}")
+            taken = {name for name, _ in names.values()}
+            name = role if role not in taken else next(f"{role}{i}" for i in range(2, 99) if f"{role}{i}" not in taken)
+            bounds = program.range_constraints.get(expr)
+            upper = None if bounds is None or math.isinf(float(bounds.upper)) else int(bounds.upper)
+            lower = 1 if bounds is None or int(bounds.lower) <= 2 else int(bounds.lower)  # 2: torch's 0/1 rule
+            names[expr] = (name, (lower, upper))
+    return names
+
+
+def _spec(name: str, value: Tensor, names: dict) -> TensorSpec:
+    """Static dims as ints, symbolic ones by name (an expression of them as its text)."""
+    shape, bounds = [], {}
+    for size in value.shape:
+        if not hasattr(size, "node"):
+            shape.append(int(size))
+            continue
+        expr = size.node.expr
+        if expr.is_Integer:
+            shape.append(int(expr))
+        elif expr in names:
+            shape.append(names[expr][0])
+            bounds[names[expr][0]] = names[expr][1]
+        else:
+            shape.append(str(expr.subs({symbol: sympy.Symbol(n) for symbol, (n, _) in names.items()})))
+    return TensorSpec(name, tuple(shape), str(value.dtype).removeprefix("torch."), bounds)

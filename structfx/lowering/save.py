@@ -32,7 +32,6 @@ def save_artifact(compiled, directory: str | Path, overwrite: bool = False) -> P
             "target": _target_dict(compiled.target),
             "inputs": [s.to_dict() for s in compiled.inputs],
             "outputs": [s.to_dict() for s in compiled.outputs],
-            "row_multiple": compiled.row_multiple,
             "params": names,
             "kernels": compiled.kernels,
         })

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from structfx.errors import StructfxError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no row padding; symbolic dims named in the signature
 MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
 KERNELS, WEIGHTS = "kernels.so", "weights.safetensors"
 

@@ -10,7 +10,7 @@ import numpy as np
 from structfx.errors import StructfxError
 from structfx.runtime.artifact import KERNELS, WEIGHTS, read_verified_manifest
 from structfx.runtime.host import X86_FEATURES, cpu_flags
-from structfx.runtime.signature import TensorSpec, check_inputs, padded_rows
+from structfx.runtime.signature import TensorSpec, check_inputs
 
 
 class Runtime:
@@ -21,7 +21,6 @@ class Runtime:
         self.manifest, self._vm, self._params, self._device = manifest, vm, params, device
         self.inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
-        self.row_multiple = manifest.get("row_multiple")
 
     def __call__(self, *args):
         import tvm
@@ -29,16 +28,10 @@ class Runtime:
         torch_in = any(type(a).__module__.startswith("torch") for a in args)
         arrays = [_as_numpy(a) for a in args]
         check_inputs(self.inputs, [None if a is None else (tuple(a.shape), str(a.dtype)) for a in arrays])
-        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
-        values = [tvm.runtime.tensor(_pad_rows(a, self.row_multiple), self._device) for a in arrays]
-        if self.row_multiple is not None:
-            values.append(tvm.runtime.ShapeTuple([padded_rows(rows, self.row_multiple) // self.row_multiple]))
+        values = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
         result = self._vm["main"](*values, *self._params)
         leaves = [result] if hasattr(result, "numpy") else list(result)
-        outputs = [
-            leaf.numpy()[:rows] if spec.shape and spec.shape[0] is None else leaf.numpy()
-            for leaf, spec in zip(leaves, self.outputs)
-        ]
+        outputs = [leaf.numpy() for leaf in leaves]
         if torch_in:
             import torch
 
@@ -132,9 +125,3 @@ def _as_numpy(value):
         return np.from_dlpack(value.detach() if hasattr(value, "detach") else value)
     return None
 
-
-def _pad_rows(array: np.ndarray, multiple: int | None) -> np.ndarray:
-    rows = padded_rows(array.shape[0], multiple) if array.ndim else 0
-    if not array.ndim or rows == array.shape[0]:
-        return np.ascontiguousarray(array)
-    return np.concatenate([array, np.repeat(array[-1:], rows - array.shape[0], axis=0)])

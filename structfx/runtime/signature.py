@@ -1,55 +1,68 @@
 """A compiled model's inputs and outputs, and the checks every call makes before any kernel runs.
 
-Torch-free: shared by the compiler's CompiledModel and the deployable runtime.
+Torch-free: the one statement of the calling protocol, shared by the compiler's CompiledModel and the
+deployable runtime. A symbolic dim (the batch, a sequence length) is named in the shape; every input
+dim with the same name must have the same size, within that name's bounds. The compiled function takes
+the inputs as they are: no padding, no extra arguments (the Relax VM reads each symbolic size from the
+input dim that is that symbol alone).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 from structfx.errors import StructfxError
+
+Dim = int | str  # a static size, or the name of a symbolic one ("batch", "sequence")
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: name, shape (None for the symbolic batch), dtype name."""
+    """One input or output: name, shape (ints, names of symbolic dims, or text of an expression of
+    them for outputs), dtype name, and each symbolic dim's (lower, upper or None) bounds."""
 
     name: str
-    shape: tuple[int | None, ...]
+    shape: tuple[Dim, ...]
     dtype: str
+    bounds: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
     def describe(self) -> str:
-        dims = ", ".join("batch" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: ({dims}) {self.dtype}"
+        return f"{self.name}: ({', '.join(map(str, self.shape))}) {self.dtype}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "bounds": {k: list(v) for k, v in self.bounds.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> TensorSpec:
-        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+        bounds = {k: (v[0], v[1]) for k, v in data.get("bounds", {}).items()}
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], bounds)
 
 
 def check_inputs(specs: list[TensorSpec], values: list[tuple[tuple[int, ...], str] | None]) -> None:
-    """Each value as (shape, dtype name), or None for something that is not an array at all."""
+    """Each value as (shape, dtype name), or None for something that is not an array at all. Raises
+    StructfxError naming the input, what it got and what is expected."""
     expected = "; ".join(s.describe() for s in specs)
     if len(values) != len(specs):
         raise StructfxError(f"expected {len(specs)} input(s) ({expected}), got {len(values)}")
+    sizes: dict[str, tuple[int, str]] = {}
     for value, spec in zip(values, specs):
         if value is None:
             raise StructfxError(f"{spec.name} must be an array ({spec.describe()})")
         shape, dtype = value
+        got = f"{spec.name} got ({', '.join(map(str, shape))}) {dtype}, expected {spec.describe()}"
         fits = len(shape) == len(spec.shape) and all(
-            want is None or got == want for got, want in zip(shape, spec.shape)
+            not isinstance(want, int) or size == want for size, want in zip(shape, spec.shape)
         )
         if dtype != spec.dtype or not fits:
-            raise StructfxError(
-                f"{spec.name} got ({', '.join(map(str, shape))}) {dtype}, expected {spec.describe()}"
-            )
-
-
-def padded_rows(rows: int, multiple: int | None) -> int:
-    """The batch a symbolic-batch build runs at: ``rows`` rounded up to ``multiple``."""
-    if multiple is None or rows == 0:
-        return rows
-    return -(-rows // multiple) * multiple
+            raise StructfxError(got)
+        for size, want in zip(shape, spec.shape):
+            if not isinstance(want, str) or want not in spec.bounds:
+                continue
+            lower, upper = spec.bounds[want]
+            if size < lower or (upper is not None and size > upper):
+                top = "" if upper is None else f" to {upper}"
+                raise StructfxError(f"{got}: {want} must be from {lower}{top}")
+            if want in sizes and sizes[want][0] != size:
+                raise StructfxError(f"{got}: {want} is {sizes[want][0]} in {sizes[want][1]}; they must match")
+            sizes[want] = (size, spec.name)

@@ -115,7 +115,7 @@ def test_a_newer_format_is_refused(digits_artifact, tmp_path):
     manifest["format_version"] = 99
     (copy / MANIFEST).write_text(json.dumps(manifest))
     (copy / MANIFEST_DIGEST).write_text(sha256_file(copy / MANIFEST))
-    with pytest.raises(sfx.StructfxError, match="format version 99; this structfx reads version 1"):
+    with pytest.raises(sfx.StructfxError, match="format version 99; this structfx reads version 2"):
         load(copy)
 
 

@@ -17,9 +17,11 @@ from structfx.lowering.ops.common import (
     find_block,
     from_rows,
     knob,
+    last_row,
     named_loops,
     present,
     split_tile,
+    tile_multiple,
     value,
     vector_lanes,
 )
@@ -30,24 +32,28 @@ REGISTER_ROWS = 2  # rows of the register accumulator tile
 VECTORS = 4  # vectors of columns in the register accumulator tile
 
 
-def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
-    """x (B, m1, m0), w1 (m1, m0, r n0), w2 (n0, r m1, n1), bias (n0, n1) -> (B, n0, n1)."""
+def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None, tile: int = ROW_TILE) -> te.Tensor:
+    """x (B, m1, m0), w1 (m1, m0, r n0), w2 (n0, r m1, n1), bias (n0, n1) -> (B, n0, n1). Both stages
+    run on B rounded up to ``tile`` rows (input reads clamped), so the row tiles split exactly."""
     rows, m1, m0 = x.shape
     n0, rm1, n1 = w2.shape
     rank = rm1 // m1
+    padded = tile_multiple(rows, tile)
     i0 = te.reduce_axis((0, m0), "i0")
     z = te.compute(
-        (rows, w1.shape[2], m1), lambda b, c, i1: te.sum(x[b, i1, i0] * w1[i1, i0, c], axis=i0), name=STAGE1
+        (padded, w1.shape[2], m1),
+        lambda b, c, i1: te.sum(x[last_row(b, rows), i1, i0] * w1[i1, i0, c], axis=i0),
+        name=STAGE1,
     )
     s, i1 = te.reduce_axis((0, rank), "s"), te.reduce_axis((0, m1), "i1")
     acc = te.compute(
-        (rows, n0, n1),
+        (padded, n0, n1),
         lambda b, j0, j1: te.sum(z[b, j0 * rank + s, i1] * w2[j0, i1 * rank + s, j1], axis=[s, i1]),
         name=STAGE2,
     )
     if bias is None:
-        return te.compute(acc.shape, lambda b, j0, j1: acc[b, j0, j1], name=OUT)
-    return te.compute(acc.shape, lambda b, j0, j1: acc[b, j0, j1] + bias[j0, j1], name=OUT)
+        return te.compute((rows, n0, n1), lambda b, j0, j1: acc[b, j0, j1], name=OUT)
+    return te.compute((rows, n0, n1), lambda b, j0, j1: acc[b, j0, j1] + bias[j0, j1], name=OUT)
 
 
 @register_converter("structfx::btt")

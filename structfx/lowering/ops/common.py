@@ -26,6 +26,18 @@ def clamp(index, extent):
     return tirx.max(tirx.min(index, extent - 1), 0)
 
 
+def tile_multiple(rows, tile: int):
+    """``rows`` rounded up to a multiple of ``tile``: the row extent of a kernel's scratch buffers, so
+    their tiles split exactly (no predicate on the vectorised loop) at any batch; reads of the input
+    are clamped to its last row and the padded rows are never stored."""
+    return tirx.floordiv(rows + (tile - 1), tile) * tile
+
+
+def last_row(b, rows):
+    """Row ``b`` of an input of ``rows`` rows, clamped into it (the padded rows of tile_multiple)."""
+    return tirx.min(b, rows - 1)
+
+
 def split_exact(sch: Schedule, loop, extent: int, preferred: int):
     """Split ``loop`` by the largest divisor of ``extent`` up to ``preferred``: (outer, inner), or
     (None, loop) where the split would leave a unit loop (a later reorder then fails with "The loops are

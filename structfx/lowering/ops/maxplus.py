@@ -3,8 +3,8 @@
 Vectorised over the batch, not over outputs (AVX gathers are slow): each tile of ``lanes`` rows is
 transposed into an (n_in, lanes) scratch buffer, so each (j, t) is one contiguous vector load, a broadcast
 add and a max; the result tile is transposed back while it is still in cache. The bias is a separate
-elementwise max (``te.max(init=...)`` would drop it: tvm_notes.md). The batch is a multiple of the tile
-(``structfx.lowering.export.ROW_MULTIPLE``), so no loop needs a remainder.
+elementwise max (``te.max(init=...)`` would drop it: tvm_notes.md). Any batch: the scratch buffers are
+padded to whole tiles (reads clamped), and only the last tile's stores are guarded.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from structfx.lowering.ops.common import (
     clamp,
     find_block,
     from_rows,
+    last_row,
     named_loops,
     present,
+    tile_multiple,
     tile_rows_out,
     vector_lanes,
 )
@@ -27,13 +29,15 @@ TILE, CANDIDATES, OUT = "structfx_maxplus_tile", "structfx_maxplus", "structfx_m
 OUT_COLUMNS = 8  # outputs per transposed-back tile
 
 
-def maxplus_te(x: te.Tensor, idx: te.Tensor, w: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
+def maxplus_te(x: te.Tensor, idx: te.Tensor, w: te.Tensor, bias: te.Tensor | None, tile: int) -> te.Tensor:
+    """x (B, n_in) -> (B, n_out); the transposed scratch buffers have B rounded up to ``tile`` rows."""
     rows, n_in = x.shape
     n_out, k = idx.shape
-    tiled = te.compute((n_in, rows), lambda i, b: x[b, i], name=TILE)
+    padded = tile_multiple(rows, tile)
+    tiled = te.compute((n_in, padded), lambda i, b: x[last_row(b, rows), i], name=TILE)
     t = te.reduce_axis((0, k), "t")
     best = te.compute(
-        (n_out, rows), lambda j, b: te.max(tiled[clamp(idx[j, t], n_in), b] + w[j, t], axis=t), name=CANDIDATES
+        (n_out, padded), lambda j, b: te.max(tiled[clamp(idx[j, t], n_in), b] + w[j, t], axis=t), name=CANDIDATES
     )
     if bias is None:
         return te.compute((rows, n_out), lambda b, j: best[j, b], name=OUT)
@@ -44,7 +48,9 @@ def maxplus_te(x: te.Tensor, idx: te.Tensor, w: te.Tensor, bias: te.Tensor | Non
 def convert_maxplus(node, importer, target: Target):
     x, idx, w, bias = (None if a is None else importer.env[a] for a in node.args)
     rows, leading = as_rows(importer, x)
-    y = importer.block_builder.emit_te(maxplus_te, rows, idx, w, bias, primfunc_name_hint="structfx_sparse_maxplus")
+    y = importer.block_builder.emit_te(
+        maxplus_te, rows, idx, w, bias, vector_lanes(target), primfunc_name_hint="structfx_sparse_maxplus"
+    )
     return from_rows(importer, y, leading, importer.shape_of(idx)[0])
 
 

@@ -18,6 +18,8 @@ from structfx.lowering.ops.common import (
     clamp,
     find_block,
     from_rows,
+    last_row,
+    tile_multiple,
     tile_rows_out,
     vector_lanes,
 )
@@ -75,13 +77,16 @@ def coefficients_te(coeffs: te.Tensor, pair: te.Tensor, second: te.Tensor, varia
     )
 
 
-def spm_te(x, d_in, self_coef, other_coef, partner, d_out, bias, out_features: int):
-    """Stages on the transposed rows h[i, b]; returns y (B, out_features)."""
+def spm_te(x, d_in, self_coef, other_coef, partner, d_out, bias, out_features: int, tile: int):
+    """Stages on the transposed rows h[i, b] (B rounded up to ``tile`` rows, reads clamped); returns
+    y (B, out_features)."""
     rows, n_in = x.shape
     stages, width = (int(v) for v in partner.shape)
     h = te.compute(
-        (width, rows),
-        lambda i, b: tirx.if_then_else(i < n_in, x[b, tirx.min(i, n_in - 1)] * d_in[i], tirx.const(0.0, x.dtype)),
+        (width, tile_multiple(rows, tile)),
+        lambda i, b: tirx.if_then_else(
+            i < n_in, x[last_row(b, rows), tirx.min(i, n_in - 1)] * d_in[i], tirx.const(0.0, x.dtype)
+        ),
         name=INPUT,
     )
     for l in range(stages):
@@ -113,7 +118,8 @@ def convert_spm(node, importer, target: Target):
     self_coef, other_coef = (bb.emit(relax.TupleGetItem(coefficients, i)) for i in range(2))
     rows, leading = as_rows(importer, x)
     y = bb.emit_te(
-        spm_te, rows, d_in, self_coef, other_coef, partner, d_out, bias, out_features, primfunc_name_hint="structfx_spm"
+        spm_te, rows, d_in, self_coef, other_coef, partner, d_out, bias, out_features, vector_lanes(target),
+        primfunc_name_hint="structfx_spm",
     )
     return from_rows(importer, y, leading, out_features)
 

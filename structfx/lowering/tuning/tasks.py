@@ -22,8 +22,9 @@ from structfx.lowering.schedules import rules_for
 
 ms = meta_schedule
 
-#: The batch tuning measures at (and the key its records are filed under): 16 * TUNING_ROW_TILES rows.
-TUNING_ROW_TILES = 16
+#: The rows tuning measures at (and the key its records are filed under): a kernel's symbolic sizes are
+#: fixed so that their product is TUNING_ROWS (all of it for the batch alone; 16 x 16 for batch x sequence).
+TUNING_ROWS = 256
 #: Kernel names of our own ops (what their TE computes are called); everything else is TVM's.
 OUR_PREFIX = "structfx_"
 
@@ -37,8 +38,22 @@ class Task:
 
 
 def workload_of(func: tirx.PrimFunc) -> tvm.IRModule:
-    """The function with its symbolic batch fixed, as a one-function module named main."""
-    bindings = {var: TUNING_ROW_TILES for var in func.params if isinstance(var.ty, tvm.ir.PrimType)}
+    """The function with its symbolic sizes fixed (TUNING_ROWS), as a one-function module named main."""
+    buffers = [p for p in func.params if not isinstance(p.ty, tvm.ir.PrimType)]
+    symbolic = list(dict.fromkeys(
+        [p for p in func.params if isinstance(p.ty, tvm.ir.PrimType)]
+        + [d for buffer in buffers for d in buffer.shape if isinstance(d, tirx.Var)]
+    ))
+    size = round(TUNING_ROWS ** (1 / len(symbolic))) if symbolic else 0
+    bindings, pending = {}, set(symbolic)
+    for param in func.params:
+        if isinstance(param.ty, tvm.ir.PrimType):
+            bindings[param] = size
+            pending.discard(param)
+        elif any(isinstance(d, tirx.Var) and d in pending for d in param.shape):
+            shape = [tirx.IntImm(str(d.ty), size) if isinstance(d, tirx.Var) else d for d in param.shape]
+            bindings[param] = tirx.decl_buffer(shape, param.dtype, param.name, elem_offset=param.elem_offset)
+            pending -= {d for d in param.shape if isinstance(d, tirx.Var)}
     fixed = func.specialize(bindings) if bindings else func
     return tvm.IRModule({"main": fixed.with_attr("global_symbol", "main")})
 

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Schedule, Target, derived_object, meta_schedule, tar, tirx, tvm
-from structfx.lowering.schedules import legalize
 from structfx.lowering.target import resolve_target
 from structfx.lowering.tuning.database import Record, RecordsDatabase, TuningDatabase, plain_json, workload_hash
 from structfx.lowering.tuning.tasks import Task, context, extract_tasks, without_tensor_intrinsics, workload_of
@@ -52,7 +51,7 @@ def tune(
     holding other files, a malformed or unreachable ``rpc``, a hand schedule that does not build or run,
     and what compile raises for the model. Leaves no worker process and no build directory behind.
     """
-    from structfx.lowering.build import define_row_tiles, lower_to_relax
+    from structfx.lowering.build import legalize_module, lower_to_relax
     from structfx.lowering.export import export_for_compile
 
     if trials < 1:
@@ -61,11 +60,9 @@ def tune(
     runner = make_runner(rpc, key)
     try:
         args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-        program, symbolic = export_for_compile(model, args)
-        mod, _ = lower_to_relax(program, tvm_target)
-        mod = define_row_tiles(mod) if symbolic else mod
+        mod, _ = lower_to_relax(export_for_compile(model, args), tvm_target)
         db = TuningDatabase(database, tvm_target, create=True)
-        tasks = extract_tasks(legalize(mod, tvm_target), tvm_target)
+        tasks = extract_tasks(legalize_module(mod, tvm_target), tvm_target)
         records = RecordsDatabase(db, tvm_target, {workload_hash(t.workload): t.name for t in tasks})
         builder = InProcessBuilder()
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -1,0 +1,97 @@
+"""Rewrites of an exported program before TVM imports it: what TVM's importer gets wrong, fixed by kind.
+
+- ``aten.view`` becomes ``aten.reshape`` before the core-ATen decomposition. Decomposing re-traces the
+  graph with fake tensors, and some decompositions (scaled-dot-product attention's) return other strides
+  than the eager kernels did, so a view that was legal when exported no longer is (HF ``Conv1D``'s
+  ``x.view(-1, x.size(-1))`` after GPT-2's attention: "Cannot view a tensor with shape ... and strides").
+  Relax has no strides and no aliasing after functionalisation, so both mean the same thing to TVM.
+- Negative dimension arguments (``dim=-1``, ``dims=[-2, -1]``...) of every ATen op are made
+  non-negative from the rank of the tensor they index: TVM's converters pass some through unnormalised
+  when a dimension is symbolic, and legalization then fails (``Check failed: axis < src_tensor_dim
+  (-1 vs. 2)`` from ``torch.diff``/``narrow`` in Llama's causal mask).
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+#: Schema argument names that index a dimension.
+DIM_ARGUMENTS = frozenset({"dim", "dims", "dim0", "dim1", "start_dim", "end_dim", "source", "destination", "axis"})
+#: Ops whose dimension argument indexes the OUTPUT (one more dimension than the input).
+INSERTS_DIM = frozenset({aten.unsqueeze.default, aten.stack.default})
+
+
+def prepare_for_import(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program in core ATen (what ``from_exported_program`` would decompose it to), views as
+    reshapes and every dimension argument non-negative. Call ``from_exported_program`` on the result
+    with ``run_ep_decomposition=False``."""
+    views_as_reshapes(program.graph_module)
+    program = program.run_decompositions()
+    normalize_dims(program.graph_module)
+    return program
+
+
+def views_as_reshapes(gm: torch.fx.GraphModule) -> int:
+    """Turn every ``aten.view`` into ``aten.reshape`` in place; returns how many."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.view.default:
+            node.target = aten.reshape.default
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def normalize_dims(gm: torch.fx.GraphModule) -> int:
+    """Make every negative dimension argument of an ATen op non-negative, in place; returns how many
+    arguments changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        rank = _rank(node)
+        if rank is None:
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        for i, argument in enumerate(node.target._schema.arguments):
+            if argument.name not in DIM_ARGUMENTS:
+                continue
+            if i < len(args):
+                args[i], n = _non_negative(args[i], rank)
+            elif argument.name in kwargs:
+                kwargs[argument.name], n = _non_negative(kwargs[argument.name], rank)
+            else:
+                continue
+            changed += n
+        node.args, node.kwargs = tuple(args), kwargs
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _rank(node: torch.fx.Node) -> int | None:
+    """The rank a dimension argument of ``node`` counts in, None when unknown."""
+    source = node if node.target in INSERTS_DIM else _first_tensor(node.args[0] if node.args else None)
+    value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def _first_tensor(arg):
+    if isinstance(arg, (list, tuple)):
+        return arg[0] if arg else None
+    return arg
+
+
+def _non_negative(value, rank: int):
+    """(value with negative ints made non-negative, how many changed): an int or a list of ints."""
+    if isinstance(value, bool):
+        return value, 0
+    if isinstance(value, int):
+        return (value + rank, 1) if value < 0 else (value, 0)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        fixed = [v + rank if v < 0 else v for v in value]
+        return type(value)(fixed), sum(v < 0 for v in value)
+    return value, 0
