@@ -70,9 +70,6 @@ def device_ms(runtime, inputs: list[np.ndarray], device) -> float:
     import tvm
 
     values = [tvm.runtime.tensor(a, device) for a in inputs]
-    row_multiple = getattr(runtime, "row_multiple", None)
-    if row_multiple is not None:  # the batch-padding protocol of this structfx's artifacts (rows % 16 == 0 here)
-        values.append(tvm.runtime.ShapeTuple([inputs[0].shape[0] // row_multiple]))
     timer = runtime._vm.time_evaluator("main", device, number=10, repeat=7, min_repeat_ms=50)
     return 1e3 * float(np.median(timer(*values, *runtime._params).results))
 

@@ -85,13 +85,11 @@ def test_no_trial_goes_to_a_kernel_with_nothing_to_tune(tmp_path):
     sfx.tune(model, x, trials=3, database=tmp_path / "db", progress=False)
     measured = collections.Counter(r["kernel"] for r in _records(tmp_path / "db"))
     assert measured == {"matmul": 3}  # the weight's transpose and the bias add have one schedule each
-    from structfx.lowering.build import define_row_tiles, lower_to_relax
+    from structfx.lowering.build import legalize_module, lower_to_relax
     from structfx.lowering.export import export_for_compile
-    from structfx.lowering.schedules import legalize
 
     target = resolve_target()
-    program, _ = export_for_compile(model, (x,))
-    mod = legalize(define_row_tiles(lower_to_relax(program, target)[0]), target)
+    mod = legalize_module(lower_to_relax(export_for_compile(model, (x,)), target)[0], target)
     tasks = {t.name for t in extract_tasks(mod, target)}
     assert tasks == {"matmul"}
     for gv, func in mod.functions_items():
