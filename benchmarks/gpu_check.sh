@@ -9,6 +9,9 @@
 #                                                 writes OUT/log.txt, OUT/table.md, OUT/results.json (OUT
 #                                                 defaults to $OUT, then benchmarks/gpu_out)
 #
+# With the session's device tool: run `bash benchmarks/gpu_check.sh "$OUT"` with carry ["benchmarks/gpu_carry"]
+# (49 MiB of the 64 MiB a run may carry); the three files come back from $OUT.
+#
 # The second half imports tvm, tvm_ffi and structfx's runtime from gpu_carry/site only (runtime-only TVM:
 # libtvm_compiler.so is not there), and numpy and torch from the machine. Exit status: 0 when every run
 # is within tolerance.

@@ -2,6 +2,7 @@
 installed benchmarks from outside the source tree, and sys.argv is left alone."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_a_wheel_install_runs_structfx_bench(tmp_path):
-    site = tmp_path / "site"
+    site, source = tmp_path / "site", tmp_path / "source"  # a copy: the build writes build/ and egg-info into it
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "out", "gpu_carry", "gpu_out", "build", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(REPO)], check=True, capture_output=True)
+                    "--target", str(site), str(source)], check=True, capture_output=True)
     assert (site / "structfx/benchmarks/bench_layers.py").is_file()
     env = {**os.environ, "PYTHONPATH": str(site)}
     for args, expected in [(["bench", "--help"], "Run one of benchmarks/"),

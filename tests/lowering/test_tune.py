@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import uuid
 
 import psutil
@@ -74,9 +75,11 @@ def test_the_rest_of_the_module_is_tuned_too(tmp_path):
     kernels = {r["kernel"] for r in _records(tmp_path / "db")}
     assert {"structfx_sparse_maxplus", "matmul", "layer_norm"} <= kernels
     compiled = sfx.compile(model, x, database=tmp_path / "db")
-    with torch.no_grad():
-        want = model(x)
-    assert float((compiled(x) - want).norm() / want.norm()) < 1e-4
+    for rows in (16, 7, 300):  # traces tuned at 256 rows, replayed on the symbolic batch: fewer and more rows
+        batch = torch.randn(rows, 64)
+        with torch.no_grad():
+            want = model(batch)
+        assert float((compiled(batch) - want).norm() / want.norm()) < 1e-4
 
 
 def test_no_trial_goes_to_a_kernel_with_nothing_to_tune(tmp_path):
@@ -238,3 +241,34 @@ def _has_marker(process, marker: str) -> bool:
         return process.environ().get("STRUCTFX_TEST_MARKER") == marker
     except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
+
+
+class _TimedOut:
+    """A runner whose every measurement was stopped at its timeout, as LocalRunner reports it."""
+
+    class _Future:
+        def result(self):
+            return types.SimpleNamespace(error_msg="LocalRunner: Timeout, killed after 30 seconds\n", run_secs=None)
+
+    def run(self, inputs):
+        return [self._Future() for _ in inputs]
+
+
+def test_a_hand_schedule_slower_than_the_timeout_is_filed_as_infinitely_slow(tmp_path):
+    from structfx.lowering.build import define_row_tiles, lower_to_relax
+    from structfx.lowering.export import export_for_compile
+    from structfx.lowering.schedules import legalize
+    from structfx.lowering.tuning.database import workload_hash
+    from structfx.lowering.tuning.tune import InProcessBuilder, _measure_hand_schedule
+
+    model, x = _model()
+    target = resolve_target()
+    program, _ = export_for_compile(model, (x,))
+    (task,) = extract_tasks(legalize(define_row_tiles(lower_to_relax(program, target)[0]), target), target)
+    record = _measure_hand_schedule(task, target, workload_hash(task.workload), InProcessBuilder(), _TimedOut())
+    assert record.hand and record.seconds == float("inf")
+    db = TuningDatabase(tmp_path / "db", target, create=True)
+    db.add(record)
+    assert TuningDatabase(tmp_path / "db", target, create=False).best(record.workload).seconds == float("inf")
+    with torch.no_grad():  # the only record is the hand schedule: compile keeps it
+        assert torch.equal(sfx.compile(model, x, database=tmp_path / "db")(x), sfx.compile(model, x)(x))

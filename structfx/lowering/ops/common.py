@@ -127,7 +127,7 @@ class OpRule(ScheduleRule, abc.ABC):
     returns False where the function is not its kernel."""
 
     target_kind = "llvm"
-    has_knobs = False  # whether tunable=True samples anything (what structfx.tune searches)
+    has_knobs = False  # whether tunable=True may sample (tune then checks each kernel: tuning/tasks.py)
 
     def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
         if target.kind.name != self.target_kind or not isinstance(func, tirx.PrimFunc):

@@ -26,7 +26,7 @@ class Record:
     kernel: str
     workload: str  # structural hash of the workload (the kernel with its batch fixed)
     trace: list  # the schedule's trace, as plain JSON
-    seconds: float
+    seconds: float  # mean per call; inf for a hand schedule slower than the runner's timeout allows
     hand: bool  # the hand schedule's own measurement
 
 

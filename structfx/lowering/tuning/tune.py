@@ -10,6 +10,7 @@ schedule wherever tuning found nothing better. Measurements go to the database d
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import socket
 import tempfile
@@ -25,6 +26,8 @@ from structfx.lowering.tuning.database import Record, RecordsDatabase, TuningDat
 from structfx.lowering.tuning.tasks import Task, context, extract_tasks, without_tensor_intrinsics, workload_of
 
 ms = meta_schedule
+#: In the error of a measurement its runner stopped ("LocalRunner: Timeout, killed after 30 seconds").
+TIMEOUT = "Timeout, killed after"
 
 
 def tune(
@@ -123,6 +126,9 @@ def _measure_hand_schedule(task: Task, target: Target, key: str, builder, runner
         result = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])[0].result()
     finally:
         shutil.rmtree(Path(built.artifact_path).parent)
+    if result.error_msg and TIMEOUT in result.error_msg:
+        # slower than the runner allows for its calls: any candidate that completes them is faster
+        return Record(task.name, key, plain_json(task.hand.trace.as_json()), math.inf, hand=True)
     if result.error_msg:
         raise StructfxError(f"measuring {task.name} failed: {result.error_msg.strip().splitlines()[-1]}")
     seconds = sum(float(s) for s in result.run_secs) / len(result.run_secs)
@@ -131,8 +137,10 @@ def _measure_hand_schedule(task: Task, target: Target, key: str, builder, runner
 
 def _show_best(bar, line, db: TuningDatabase, key: str, hand: float | None) -> None:
     best = db.best(key)
-    text = "" if best is None else f"best {best.seconds * 1e3:.3f} ms"
-    if best is not None and hand:
+    text = "" if best is None or math.isinf(best.seconds) else f"best {best.seconds * 1e3:.3f} ms"
+    if text and hand and math.isinf(hand):
+        text += " (the hand schedule timed out)"
+    elif text and hand:
         text += f", {hand / best.seconds:.2f}x the hand schedule"
     bar.update(line, best=text)
 
