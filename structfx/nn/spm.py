@@ -202,7 +202,7 @@ class SPMLinear(nn.Module):
         matrix = torch.diag(self.d_in)
         for perm, (a, b, c, d) in zip(torch.from_numpy(perms), zip(*_matrices(self.coeffs, self.variant))):
             p, q = perm[0::2], perm[1::2]
-            stage = torch.zeros(self.width, self.width, dtype=matrix.dtype)
+            stage = torch.zeros(self.width, self.width, dtype=matrix.dtype, device=matrix.device)
             stage[p, p], stage[p, q], stage[q, p], stage[q, q] = a, b, c, d
             matrix = stage @ matrix
         return (torch.diag(self.d_out) @ matrix)[: self.out_features, : self.in_features]
