@@ -50,6 +50,11 @@ def transform(
     ``calibration``: batches like ``example_inputs`` (a tensor or a tuple; a longer tuple such as
     ``(x, y)`` from a labelled loader keeps its first inputs) used to fit layers and measure errors.
     ``filter_fn(name, module)``: False keeps that layer. When two rules claim a layer, the first wins.
+
+    Replacements take the model's dtype and device; random choices come from each rule's ``seed`` and
+    torch's global random state is left as it was. Raises StructfxError, naming the module (and graph
+    node) and the fix with the cause chained, for bad arguments and for any failure while running or
+    rewriting the model.
     """
     rules = _checked_rules(rules)
     example = _as_args(example_inputs, "example_inputs")
@@ -196,7 +201,7 @@ class _Rewriter:
         old_ops = cost.ops_per_row(site.module) if site.kind != "relu" else (site.features or 0)
         row = Row(site.name, type(rule).__name__, "skipped", params_old=old_params, ops_old=old_ops)
         self.rows.append(row)
-        if self.filter_fn is not None and not self.filter_fn(site.name, site.module):
+        if self.filter_fn is not None and not _keeps(self.filter_fn, site):
             row.reason = "filter_fn"
             return None
         if site.features is None:
@@ -222,6 +227,13 @@ class _Rewriter:
         row.padding = cost.padding_note(new)
         row.error = _layer_error(site, new)
         return new
+
+
+def _keeps(filter_fn: FilterFn, site: Site) -> bool:
+    try:
+        return bool(filter_fn(site.name, site.module))
+    except Exception as e:
+        raise StructfxError(f"filter_fn raised on {site.name} ({type(site.module).__name__}): {e}") from e
 
 
 def _name_repeated_calls(sites: list[Site]) -> None:

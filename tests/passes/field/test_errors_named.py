@@ -99,3 +99,12 @@ def test_a_fault_while_converting_names_the_site_and_node(monkeypatch):
                        r"no luck; keep this layer with filter_fn") as caught:
         transformed(Nested(), sfx.BTT(), (torch.randn(4, 64),))
     assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_a_failing_filter_fn_is_named():
+    def picky(name, module):
+        raise KeyError(name)
+
+    with pytest.raises(sfx.StructfxError, match=r"filter_fn raised on body.fc1 \(Linear\)") as caught:
+        transformed(Nested(), sfx.BTT(), (torch.randn(4, 64),), filter_fn=picky)
+    assert isinstance(caught.value.__cause__, KeyError)
