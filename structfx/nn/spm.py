@@ -218,7 +218,7 @@ class SPMLinear(nn.Module):
         pairing: Pairing = "butterfly",
         inputs: Tensor | None = None,
         steps: int = 300,
-        lr: float = 0.05,
+        lr: float = 0.1,
         seed: int = 0,
         generator: torch.Generator | None = None,
         progress: bool = False,

@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from structfx.errors import StructfxError
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
+from structfx.passes.prefit import filter_keeps, prefit
 from structfx.passes.recording import (
     Call,
     SiteInputRecorder,
@@ -64,6 +65,7 @@ def transform(
         result = copy.deepcopy(model)
         labels = ["example_inputs", *(f"calibration batch {i}" for i in range(len(batches) - 1))]
         calls, reference_outputs = _run_model(record_calls, result, batches, labels, "the model")
+        prefit(rules, result, calls, filter_fn, use_calibration=len(batches) > 1)
         rewriter = _Rewriter(rules, filter_fn, calls, use_calibration=len(batches) > 1)
         try:
             result = rewriter.rewrite(result, "")
@@ -201,7 +203,7 @@ class _Rewriter:
         old_ops = cost.ops_per_row(site.module) if site.kind != "relu" else (site.features or 0)
         row = Row(site.name, type(rule).__name__, "skipped", params_old=old_params, ops_old=old_ops)
         self.rows.append(row)
-        if self.filter_fn is not None and not _keeps(self.filter_fn, site):
+        if self.filter_fn is not None and not filter_keeps(self.filter_fn, site):
             row.reason = "filter_fn"
             return None
         if site.features is None:
@@ -227,13 +229,6 @@ class _Rewriter:
         row.padding = cost.padding_note(new)
         row.error = _layer_error(site, new)
         return new
-
-
-def _keeps(filter_fn: FilterFn, site: Site) -> bool:
-    try:
-        return bool(filter_fn(site.name, site.module))
-    except Exception as e:
-        raise StructfxError(f"filter_fn raised on {site.name} ({type(site.module).__name__}): {e}") from e
 
 
 def _name_repeated_calls(sites: list[Site]) -> None:

@@ -1,10 +1,12 @@
 """Kind 11: the SPM fit is scale-free, works on few rows whatever was recorded, stops when the error stops
-falling, and shows its progress only when asked."""
+falling, fits a model's layers together (the same fit as each alone), and shows its progress only when
+asked."""
 
+import pytest
 import torch
 
 import structfx as sfx
-from structfx.nn import SPMLinear
+from structfx.nn import SPMLinear, fitting
 from structfx.nn.fitting import PLATEAU_WINDOW, compressed_rows, fit_to_dense
 from tests.passes.field.field_b import MLP, transformed
 
@@ -33,13 +35,14 @@ def test_the_fit_does_not_depend_on_the_weight_scale():
     assert torch.allclose(small.to_dense() * 1e6, large.to_dense(), rtol=1e-3, atol=1e-3)
 
 
-def test_many_recorded_rows_reduce_to_in_features_rows():
+def test_recorded_rows_become_in_features_rows():
     x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     a = torch.randn(8, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     rows = compressed_rows(x)
     assert rows.shape == (16, 16)
     assert torch.allclose((a @ rows.T).norm(), (a @ x.T).norm(), rtol=1e-12)
-    assert compressed_rows(x[:10]) is not None and compressed_rows(x[:10]).shape == (10, 16)
+    few = compressed_rows(x[:10])  # fewer rows than features: padded with zero rows, to stack with others
+    assert few.shape == (16, 16) and torch.allclose((a @ few.T).norm(), (a @ x[:10].T).norm(), rtol=1e-12)
 
 
 def test_fitting_improves_on_the_random_init():
@@ -70,3 +73,31 @@ def test_a_tiny_t5_converts_every_wide_dense_layer():
     wide = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and min(m.weight.shape) >= 64]
     assert {row.name for row in report.replaced} == set(wide)
     assert all(0 < row.error < 1.5 for row in report.replaced)
+
+
+@pytest.mark.parametrize("variant, pairing", [("orthogonal", "butterfly"), ("general", "random")])
+def test_fitting_layers_together_is_fitting_each_alone(variant, pairing):
+    weights = [torch.randn(24, 40, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    rows = [torch.randn(50, 40, generator=torch.Generator().manual_seed(10 + i)) * (i + 1) for i in range(3)]
+
+    def layer(i):
+        return SPMLinear(40, 24, variant, pairing=pairing, generator=torch.Generator().manual_seed(i))
+
+    alone = [layer(i) for i in range(3)]
+    errors = [fit_to_dense(alone[i], weights[i], None, rows[i], 30, 0.1, torch.Generator(), False) for i in range(3)]
+    together = [layer(i) for i in range(3)]
+    jobs = [fitting.FitJob(together[i], weights[i], None, rows[i], torch.Generator()) for i in range(3)]
+    assert fitting.fit_many(jobs, 30, 0.1, False) == pytest.approx(errors, rel=1e-5)
+    for a, b in zip(alone, together):
+        assert torch.allclose(a.to_dense(), b.to_dense(), atol=1e-5)
+
+
+def test_transform_fits_the_module_layers_together(monkeypatch):
+    groups = []
+    fit_many = fitting.fit_many
+    monkeypatch.setattr("structfx.passes.rules.spm.fit_many", lambda jobs, *a, **k: groups.append(len(jobs))
+                        or fit_many(jobs, *a, **k))
+    model = torch.nn.Sequential(MLP(), MLP())
+    result = transformed(model, sfx.SPM(fit_steps=20, progress=False), (torch.randn(8, 64),))
+    assert groups == [4]
+    assert len(sfx.report(result).replaced) == 4
