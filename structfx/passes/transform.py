@@ -65,9 +65,9 @@ def transform(
         result = copy.deepcopy(model)
         labels = ["example_inputs", *(f"calibration batch {i}" for i in range(len(batches) - 1))]
         calls, reference_outputs = _run_model(record_calls, result, batches, labels, "the model")
-        prefit(rules, result, calls, filter_fn, use_calibration=len(batches) > 1)
         rewriter = _Rewriter(rules, filter_fn, calls, use_calibration=len(batches) > 1)
         try:
+            prefit(rules, result, calls, filter_fn, use_calibration=len(batches) > 1)
             result = rewriter.rewrite(result, "")
         except StructfxError:
             raise
