@@ -1,21 +1,41 @@
-"""Fitting a structured layer to a trained dense one when no closed form exists (SPM)."""
+"""Fitting SPM layers to trained dense ones, several at once, when no closed form exists.
+
+Each layer minimises its relative error ``||SPM(X) - X W^T|| / ||X W^T||`` on its rows with Adam.
+Layers of one structure (sizes, variant, stages, pairing) are fitted together: their parameters are
+stacked and every stage runs once for all of them, so that a model's dozens of small layers cost about
+what one does (Adam is elementwise, so this is the same optimisation as fitting each alone).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import Tensor, nn
+from torch import Tensor
 
 from structfx.errors import StructfxError
+from structfx.nn.spm import SPMLinear, _matrices, _mix, _stages
 
-#: The plateau rule: every PLATEAU_WINDOW steps, stop when the relative error fell by less than
-#: PLATEAU_GAIN of itself over that window (past MIN_STEPS).
+#: The plateau rule: every PLATEAU_WINDOW steps (past MIN_STEPS), stop when no layer's relative error
+#: fell by PLATEAU_GAIN of itself over that window.
 PLATEAU_WINDOW = 25
 PLATEAU_GAIN = 0.01
 MIN_STEPS = 50
+
+
+@dataclass
+class FitJob:
+    """One layer to fit: ``layer`` is changed in place to approximate ``x -> x W^T + bias``."""
+
+    layer: SPMLinear
+    weight: Tensor  # (out_features, in_features)
+    bias: Tensor | None
+    inputs: Tensor | None  # (..., in_features) rows to fit on; None: Gaussian rows
+    generator: torch.Generator  # draws the Gaussian rows
 
 
 def sample_inputs(in_features: int, inputs: Tensor | None, generator: torch.Generator) -> Tensor:
@@ -34,10 +54,10 @@ def sample_inputs(in_features: int, inputs: Tensor | None, generator: torch.Gene
 
 
 def compressed_rows(x: Tensor) -> Tensor:
-    """At most ``in_features`` rows R with R^T R = X^T X (QR's R): every ``||A X^T||`` is unchanged, so a
-    fit on R is the fit on X, at a cost that no longer grows with the number of recorded rows."""
+    """Exactly ``in_features`` rows R with R^T R = X^T X (QR's R, or X padded with zero rows): every
+    ``||A X^T||`` is unchanged, so a fit on R is the fit on X at a cost that does not grow with X."""
     if x.shape[0] <= x.shape[1]:
-        return x
+        return F.pad(x, (0, 0, 0, x.shape[1] - x.shape[0]))
     return torch.linalg.qr(x, mode="r").R
 
 
@@ -54,7 +74,7 @@ def relative_error(new: Tensor, old: Tensor) -> float | None:
 
 
 def fit_to_dense(
-    layer: nn.Module,
+    layer: SPMLinear,
     weight: Tensor,
     bias: Tensor | None,
     inputs: Tensor | None,
@@ -64,46 +84,97 @@ def fit_to_dense(
     progress: bool,
     description: str = "fitting SPM",
 ) -> float | None:
-    """Minimise ``||layer(X) - X W^T||`` with Adam, in float32 (float64 for a float64 weight); the bias is
-    copied, not fitted. ``layer`` must have a ``d_out`` output scale (SPM's): the fit runs on the target
-    divided by its RMS, so that one learning rate suits every weight scale, and d_out takes the scale back.
+    """``fit_many`` for one layer; returns its relative error on its rows."""
+    return fit_many([FitJob(layer, weight, bias, inputs, generator)], steps, lr, progress, description)[0]
 
-    Stops after ``steps`` steps or on a plateau of the relative error (PLATEAU_GAIN over PLATEAU_WINDOW
-    steps). Returns the relative error on the fitting rows (None when there were none).
-    """
-    x = sample_inputs(weight.shape[1], inputs, generator).to(weight.device)
-    layer.to(device=weight.device, dtype=x.dtype)
-    rows = compressed_rows(x)
-    target = rows @ weight.detach().to(x.dtype).T
-    scale = float(target.pow(2).mean().sqrt()) or 1.0
-    target = target / scale
-    fitted = [p for name, p in layer.named_parameters() if name != "bias"]
-    if layer.bias is not None:
-        layer.bias.data.zero_()
-    optimizer = torch.optim.Adam(fitted, lr=lr)
-    history: list[float] = []
+
+def fit_many(
+    jobs: list[FitJob], steps: int, lr: float, progress: bool, description: str = "fitting SPM"
+) -> list[float | None]:
+    """Fit every job's layer (at most ``steps`` Adam steps, fewer on a plateau), in float32 (float64 for
+    float64 weights) on the weight's device; biases are copied, not fitted. Returns each layer's relative
+    error ``||layer(X) - X W^T - b|| / ||X W^T + b||`` on its rows."""
+    groups: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        layer = job.layer
+        key = (layer.in_features, layer.out_features, layer.variant, layer.stages, layer.pairing, layer.seed,
+               job.weight.dtype == torch.float64, job.weight.device)
+        groups.setdefault(key, []).append(index)
+    errors: list[float | None] = [None] * len(jobs)
+    for members in groups.values():
+        label = description if len(members) == 1 else f"{description} ({len(members)} layers)"
+        for index, error in zip(members, _fit_group([jobs[i] for i in members], steps, lr, progress, label)):
+            errors[index] = error
+    return errors
+
+
+def _fit_group(jobs: list[FitJob], steps: int, lr: float, progress: bool, description: str) -> list[float | None]:
+    """Layers of one structure: inputs normalised to RMS 1 and targets to RMS 1 per layer (one learning
+    rate suits every scale; d_out takes each target's scale back at the end)."""
+    first = jobs[0].layer
+    device = jobs[0].weight.device
+    xs = [sample_inputs(first.in_features, job.inputs, job.generator).to(device) for job in jobs]
+    dtype = xs[0].dtype if all(x.dtype == xs[0].dtype for x in xs) else torch.float32
+    xs = [x.to(dtype) for x in xs]
+    rows = torch.stack([_unit_rms(compressed_rows(x)) for x in xs])  # (G, in, in)
+    weights = torch.stack([job.weight.detach().to(device=device, dtype=dtype) for job in jobs])
+    targets = rows @ weights.transpose(1, 2)
+    scales = targets.pow(2).mean((1, 2)).sqrt().clamp_min(torch.finfo(dtype).tiny)
+    targets = targets / scales[:, None, None]
+    norms = targets.pow(2).sum((1, 2)).clamp_min(torch.finfo(dtype).tiny)
+    params = [torch.stack([getattr(job.layer, name).detach() for job in jobs]).to(device=device, dtype=dtype)
+              .requires_grad_() for name in ("d_in", "coeffs", "d_out")]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    stages = _stages(first.width, first.stages, first.pairing, first.seed)
+    history: list[Tensor] = []
     with _progress_bar(progress, description, steps) as advance:
         for step in range(steps):
             optimizer.zero_grad()
-            loss = (layer(rows) - target).pow(2).mean()
-            loss.backward()
+            outputs = _stacked_forward(rows, *params, first.variant, stages, first.out_features)
+            squared = (outputs - targets).pow(2).sum((1, 2)) / norms  # each layer's relative error, squared
+            squared.sum().backward()
             optimizer.step()
-            history.append(float(loss.detach()) ** 0.5)
-            advance(history[-1])
+            history.append(squared.detach().sqrt())
+            advance(float(history[-1].max()))
             if step + 1 >= MIN_STEPS and (step + 1) % PLATEAU_WINDOW == 0:
-                if history[-1] > (1 - PLATEAU_GAIN) * history[-1 - PLATEAU_WINDOW]:
+                if bool((history[-1] > (1 - PLATEAU_GAIN) * history[-1 - PLATEAU_WINDOW]).all()):
                     break
+    return [_finish(job, x, d_in, coeffs, d_out * scale)
+            for job, x, d_in, coeffs, d_out, scale in zip(jobs, xs, *params, scales)]
+
+
+def _unit_rms(rows: Tensor) -> Tensor:
+    rms = float(rows.pow(2).mean().sqrt())
+    return rows / rms if rms > 0 else rows
+
+
+def _stacked_forward(rows, d_in, coeffs, d_out, variant: str, stages, out_features: int) -> Tensor:
+    """SPM of G layers at once on (G, R, in) rows, without bias, in plain differentiable torch ops."""
+    h = F.pad(rows, (0, d_in.shape[-1] - rows.shape[-1])) * d_in[:, None, :]
+    # angles (G, L, N/2) or 2x2 entries (G, L, 4, N/2) -> a, b, c, d, each (G, L, N/2)
+    a, b, c, d = coeffs.unbind(-2) if variant == "general" else _matrices(coeffs, variant)
+    for index, stage in enumerate(stages):
+        h = _mix(stage, h, *(m[:, index, None, :] for m in (a, b, c, d)))
+    return (h * d_out[:, None, :])[..., :out_features]
+
+
+def _finish(job: FitJob, x: Tensor, d_in: Tensor, coeffs: Tensor, d_out: Tensor) -> float | None:
+    layer = job.layer
     with torch.no_grad():
-        layer.d_out.mul_(scale)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
-        reference = x @ weight.detach().to(x.dtype).T
-        return relative_error(layer(x), reference if bias is None else reference + layer.bias)
+        layer.to(device=x.device, dtype=x.dtype)
+        layer.d_in.copy_(d_in)
+        layer.coeffs.copy_(coeffs)
+        layer.d_out.copy_(d_out)
+        reference = x @ job.weight.detach().to(x.dtype).T
+        if job.bias is not None:
+            layer.bias.copy_(job.bias.detach())
+            reference = reference + layer.bias
+        return relative_error(layer(x), reference)
 
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, description: str, steps: int):
-    """A transient rich progress bar showing the current error; yields ``advance(error)``."""
+    """A transient rich progress bar showing the largest current error; yields ``advance(error)``."""
     if not enabled or steps == 0:
         yield lambda error: None
         return

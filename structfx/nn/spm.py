@@ -205,7 +205,7 @@ class SPMLinear(nn.Module):
         matrix = torch.diag(self.d_in)
         for perm, (a, b, c, d) in zip(torch.from_numpy(perms), zip(*_matrices(self.coeffs, self.variant))):
             p, q = perm[0::2], perm[1::2]
-            stage = torch.zeros(self.width, self.width, dtype=matrix.dtype)
+            stage = torch.zeros(self.width, self.width, dtype=matrix.dtype, device=matrix.device)
             stage[p, p], stage[p, q], stage[q, p], stage[q, q] = a, b, c, d
             matrix = stage @ matrix
         return (torch.diag(self.d_out) @ matrix)[: self.out_features, : self.in_features]
@@ -221,7 +221,7 @@ class SPMLinear(nn.Module):
         pairing: Pairing = "butterfly",
         inputs: Tensor | None = None,
         steps: int = 300,
-        lr: float = 0.05,
+        lr: float = 0.1,
         seed: int = 0,
         generator: torch.Generator | None = None,
         progress: bool = False,

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from structfx.passes.sites import Site
 
 Builder = Callable[["Rule", "Site"], nn.Module]
+Prefit = Callable[["Rule", "list[Site]"], None]
 _BUILDERS: dict[type, Builder] = {}
+_PREFITS: dict[type, Prefit] = {}
 
 
 def register_rule(rule_type: type) -> Callable[[Builder], Builder]:
@@ -41,6 +43,23 @@ def builder_for(rule: object) -> Builder:
         raise StructfxError(
             f"{rule!r} is not a structfx rule; use one of: {known} (e.g. structfx.BTT(rank=1))"
         ) from None
+
+
+def register_prefit(rule_type: type) -> Callable[[Prefit], Prefit]:
+    """Decorator: ``prefit(rule, sites)`` prepares the replacements of many module sites at once (SPM fits
+    its layers together), before the rewrite builds them one by one."""
+
+    def decorate(prefit: Prefit) -> Prefit:
+        if rule_type in _PREFITS:
+            raise StructfxError(f"rule {rule_type.__name__} has two prefit functions")
+        _PREFITS[rule_type] = prefit
+        return prefit
+
+    return decorate
+
+
+def prefit_for(rule: object) -> Prefit | None:
+    return _PREFITS.get(type(rule))
 
 
 class SkipSite(Exception):

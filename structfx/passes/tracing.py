@@ -6,7 +6,9 @@ import inspect
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace
 
+from structfx.errors import StructfxError
 from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
 from structfx.passes.recording import evaluation_mode
 from structfx.passes.sites import is_conv1d
@@ -71,9 +73,37 @@ def trace_call(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     named_placeholders = [n for n in graph.nodes if n.op == "placeholder" and not str(n.target).startswith("*")]
     for node, name in zip(named_placeholders, arguments):
         node.target = name  # keep the forward's parameter names, so keyword calls still work
+    _explain_guards(graph, type(module).__name__, concrete)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     _check_reproduces(module, gm, args, kwargs)
     return gm
+
+
+def _explain_guards(graph: fx.Graph, owner: str, flags: dict[str, object]) -> None:
+    """FX's guards on the baked-in flags raise a bare AssertionError; ours raise StructfxError saying which
+    module was specialised to which value, and what to do."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (torch._assert, _symbolic_trace._assert_is_none):
+            continue
+        name = next((n for n in flags if str(node.args[1]).startswith(f"{n} has been specialized")), None)
+        if name is not None:
+            message = (
+                f"structfx.transform traced {owner} for {name}={flags[name]!r}, as in its example call, and it "
+                f"is now called with another {name}: transform with example_inputs that call it as later calls "
+                f"do, or keep it out with filter_fn"
+            )
+            node.target = _flag_guard if node.target is torch._assert else _none_guard
+            node.args = (node.args[0], message)
+
+
+def _flag_guard(same: bool, message: str) -> None:
+    if not same:
+        raise StructfxError(message)
+
+
+def _none_guard(value: object, message: str) -> None:
+    if value is not None:
+        raise StructfxError(message)
 
 
 def _check_reproduces(module: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from structfx.errors import StructfxError
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
+from structfx.passes.prefit import filter_keeps, prefit
 from structfx.passes.recording import (
     Call,
     SiteInputRecorder,
@@ -60,8 +61,11 @@ def transform(
     mode, with the report attached. Errors in the report are relative Frobenius norms
     ``||new - old|| / ||old||``; parameters and multiply-adds are counts per layer and per row.
 
-    Raises StructfxError for no rules or an unknown one, ``example_inputs`` that is not a tensor or a
-    non-empty tuple, and a calibration batch whose trailing shape or dtype differs from the example's.
+    Replacements take the model's dtype and device; random choices come from each rule's ``seed`` and
+    torch's global random state is left as it was. Raises StructfxError, naming the module (and graph
+    node) and the fix with the cause chained, for bad arguments (no rules or an unknown one, inputs that
+    are not tensors, a calibration batch whose trailing shape or dtype differs from the example's) and
+    for any failure while running or rewriting the model.
     """
     rules = _checked_rules(rules)
     example = _as_args(example_inputs, "example_inputs")
@@ -73,6 +77,7 @@ def transform(
         calls, reference_outputs = _run_model(record_calls, result, batches, labels, "the model")
         rewriter = _Rewriter(rules, filter_fn, calls, use_calibration=len(batches) > 1)
         try:
+            prefit(rules, result, calls, filter_fn, use_calibration=len(batches) > 1)
             result = rewriter.rewrite(result, "")
         except StructfxError:
             raise
@@ -208,7 +213,7 @@ class _Rewriter:
         old_ops = cost.ops_per_row(site.module) if site.kind != "relu" else (site.features or 0)
         row = Row(site.name, type(rule).__name__, "skipped", params_old=old_params, ops_old=old_ops)
         self.rows.append(row)
-        if self.filter_fn is not None and not self.filter_fn(site.name, site.module):
+        if self.filter_fn is not None and not filter_keeps(self.filter_fn, site):
             row.reason = "filter_fn"
             return None
         if site.features is None:

@@ -39,7 +39,7 @@ class Rule:
     def generator(self, site: Site) -> torch.Generator:
         """A CPU generator seeded by ``seed`` and the site's name: the same layer draws the same numbers
         however many other layers the model has."""
-        return torch.Generator().manual_seed(self.seed * 0x1_0000_0000 + zlib.crc32(site.name.encode()))
+        return torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{site.name}".encode()))
 
 
 def check_at_least(rule: Rule, field_name: str, low: int, note: str = "") -> None:
