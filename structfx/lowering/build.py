@@ -124,7 +124,7 @@ def _failing_node(error: Exception, program) -> str:
         tb = tb.tb_next
     if found is None:
         unsupported = set(re.findall(r"'([\w.]+)'", str(error)))
-        calls = program.graph.find_nodes(op="call_function") if hasattr(program, "graph") else []
+        calls = [n for n in program.graph.nodes if n.op == "call_function"]
         found = next((n for n in calls if _key(n.target) in unsupported), None)
     if found is None:
         return "the exported program"
