@@ -20,7 +20,7 @@ INT64_MAX = 2**63 - 1
 def convert_slice(node: torch.fx.Node, importer) -> relax.Var:
     x = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else 0
-    start = node.args[2] if len(node.args) > 2 else 0
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
     if not _proved_in_bounds(x, node, dim, start, end, step):

@@ -7,6 +7,7 @@ build), the op it failed on (the fx node, the Relax op or the kernel) and what t
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 from torch import Tensor, nn
@@ -76,10 +77,13 @@ def lower_to_relax(program, target):
     """The Relax module of an exported program, parameters detached: (module, [weights in order])."""
     try:
         with torch.no_grad():
-            mod = from_exported_program(prepare_for_import(program), keep_params_as_input=True,
+            program = prepare_for_import(program)
+            mod = from_exported_program(program, keep_params_as_input=True,
                                         custom_convert_map=converter_map(target), run_ep_decomposition=False)
     except FAILURES as e:
-        raise StructfxError(f"[import] TVM cannot import {_failing_node(e)}: {_gist(e)}; {UNSUPPORTED_HINT}") from e
+        raise StructfxError(
+            f"[import] TVM cannot import {_failing_node(e, program)}: {_gist(e)}; {UNSUPPORTED_HINT}"
+        ) from e
     mod, params = detach_params(mod)
     return _sizes_from_one(mod), list(params.get("main", []))
 
@@ -116,13 +120,18 @@ def schedule_module(mod, target):
 
 
 def _gist(error: Exception) -> str:
+    """The line of a (long, C++) error that says what failed, and the call TVM names, if it names one."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     checks = [line for line in lines if "Check failed" in line]
-    return (checks or lines or [type(error).__name__])[0][:400]
+    gist = (checks or lines or [type(error).__name__])[0][:400]
+    if "Offending call:" in lines[:-1]:
+        gist += f" (at {lines[lines.index('Offending call:') + 1]})"
+    return gist
 
 
-def _failing_node(error: Exception) -> str:
-    """The fx node being converted when ``error`` was raised (the innermost frame with a ``node``)."""
+def _failing_node(error: Exception, program) -> str:
+    """The fx node being converted when ``error`` was raised (the innermost frame with a ``node``), or
+    the first node of an op TVM lists as unsupported."""
     tb, found = error.__traceback__, None
     while tb is not None:
         node = tb.tb_frame.f_locals.get("node")
@@ -130,10 +139,19 @@ def _failing_node(error: Exception) -> str:
             found = node
         tb = tb.tb_next
     if found is None:
+        unsupported = set(re.findall(r"'([\w.]+)'", str(error)))
+        calls = [n for n in program.graph.nodes if n.op == "call_function"]
+        found = next((n for n in calls if _key(n.target) in unsupported), None)
+    if found is None:
         return "the exported program"
     stack = found.meta.get("stack_trace", "").strip().splitlines()
     where = f" (from {stack[-2].strip()})" if len(stack) >= 2 else ""
     return f"fx node {found.format_node()}{where}"
+
+
+def _key(target) -> str:
+    """How TVM's importer names an ATen op: ``lgamma.default``."""
+    return f"{getattr(target, '_opname', target)}.{getattr(target, '_overloadname', '')}"
 
 
 def _failing_relax_op(mod, target) -> str:

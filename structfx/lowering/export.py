@@ -1,7 +1,8 @@
 """torch.export for compilation: inference mode, each input's dynamic dims decided on their own.
 
-Dim 0 of every tensor input is asked to be dynamic (the batch), and dim 1 of integer inputs of rank 2
-(token ids, attention masks: the sequence) up to the model's maximum length where its config gives one.
+Dim 0 of every tensor input is asked to be dynamic (one batch shared by all inputs, first), and for
+transformers models dim 1 of integer inputs of rank 2 (token ids, attention masks: the sequence) up to
+the model's maximum length where its config gives one.
 torch.export's constraint solver decides: an input without a batch dim (a (64,) bias, a (T, T) mask)
 comes out static while the others vary. A dim that must become static is named, with torch's reason,
 in a warning before anything is built.
@@ -14,6 +15,7 @@ import inspect
 import io
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -52,7 +54,7 @@ def export_for_compile(model: nn.Module, args: tuple) -> torch.export.ExportedPr
     example = _exportable_example(args, requested)
     with evaluation_mode(model), torch.no_grad(), _register_output_types(model):
         try:
-            return _export(model, example, requested, Dim.DYNAMIC)
+            return _export(model, example, requested, Dim.DYNAMIC, shared_batch=True)
         except torch._dynamo.exc.UserError as e:
             if e.error_type is not torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
                 raise export_error(model, e) from e
@@ -68,7 +70,7 @@ def export_for_compile(model: nn.Module, args: tuple) -> torch.export.ExportedPr
         dims = "; ".join(d.describe(names) for d in static)
         warnings.warn(
             f"compiling {type(model).__name__} with {dims} fixed at the example's size: the model does not "
-            f"allow it to vary (torch.export: {_first_lines(reason, 3)})",
+            f"allow it to vary (torch.export: {_specialisations(reason)})",
             stacklevel=3,
         )
     return program
@@ -136,15 +138,16 @@ def _eager_failure(model: nn.Module, args: tuple, names: list[str], error: Excep
 
 
 def requested_dims(model: nn.Module, args: tuple) -> list[DynamicDim]:
-    """Dim 0 of every tensor with at least one dim; dim 1 of rank-2 integer tensors (token ids and
-    their masks), bounded by the model's maximum sequence length where its config gives one."""
+    """Dim 0 of every tensor with at least one dim; for a model with a (transformers) config, dim 1 of
+    rank-2 integer tensors (token ids and their masks), bounded by the model's maximum sequence length
+    where the config gives one."""
     config = getattr(model, "config", None)
     longest = next((getattr(config, f) for f in MAX_LENGTH_FIELDS if isinstance(getattr(config, f, None), int)), None)
     dims = []
     for i, arg in enumerate(args):
         if arg.dim() > 0:
             dims.append(DynamicDim(i, 0, "batch"))
-        if arg.dim() == 2 and not arg.is_floating_point() and not arg.is_complex() and config is not None:
+        if arg.dim() == 2 and config is not None and not arg.is_floating_point():
             dims.append(DynamicDim(i, 1, "sequence", longest))
     return dims
 
@@ -160,10 +163,16 @@ def _exportable_example(args: tuple, requested: list[DynamicDim]) -> tuple:
     return tuple(grown)
 
 
-def _export(model: nn.Module, example: tuple, requested: list[DynamicDim], hint) -> torch.export.ExportedProgram:
+def _export(model: nn.Module, example: tuple, requested: list[DynamicDim], hint,
+            shared_batch: bool = False) -> torch.export.ExportedProgram:
+    """One torch.export with the requested dims as ``hint`` (Dim.DYNAMIC or Dim.AUTO), or with one
+    named Dim for every batch dim (they must then be equal) where ``shared_batch``."""
+    sizes = {example[d.input].shape[0] for d in requested if d.role == "batch"}
+    batch = Dim("batch") if shared_batch and len(sizes) == 1 and len(requested) > 1 else None
     shapes: list[dict | None] = [None] * len(example)
     for d in requested:
-        shapes[d.input] = {**(shapes[d.input] or {}), d.dim: hint(min=2, max=d.maximum) if d.maximum else hint}
+        spec = hint(min=2, max=d.maximum) if d.maximum else hint
+        shapes[d.input] = {**(shapes[d.input] or {}), d.dim: batch if d.role == "batch" and batch else spec}
     with _quiet_torch_logs():
         return torch.export.export(model, example, dynamic_shapes=tuple(shapes), strict=False)
 
@@ -172,7 +181,8 @@ def _is_symbolic(program: torch.export.ExportedProgram, d: DynamicDim) -> bool:
     kinds = torch.export.graph_signature.InputKind
     user = [s.arg.name for s in program.graph_signature.input_specs if s.kind == kinds.USER_INPUT]
     node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user[d.input])
-    return not isinstance(node.meta["val"].shape[d.dim], int)
+    size = node.meta["val"].shape[d.dim]
+    return not isinstance(size, int) and not size.node.expr.is_Integer
 
 
 @contextlib.contextmanager
@@ -234,6 +244,13 @@ def _user_frame(error: Exception) -> str:
             found = f" at {filename}:{tb.tb_lineno}"
         tb = tb.tb_next
     return found
+
+
+def _specialisations(error: Exception) -> str:
+    """torch.export's lines saying which dims it specialised and to what, without its generic advice."""
+    pattern = r"You marked (\S+) as dynamic but your code (specialized it to be a constant \(\d+\))"
+    found = re.findall(pattern, str(error))
+    return "; ".join(f"{where} {what}" for where, what in found) or _first_lines(error, 2)
 
 
 def _first_lines(error: Exception, count: int) -> str:

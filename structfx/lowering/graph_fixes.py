@@ -5,6 +5,12 @@
   than the eager kernels did, so a view that was legal when exported no longer is (HF ``Conv1D``'s
   ``x.view(-1, x.size(-1))`` after GPT-2's attention: "Cannot view a tensor with shape ... and strides").
   Relax has no strides and no aliasing after functionalisation, so both mean the same thing to TVM.
+- Inputs whose size torch.export specialised (``Dim.AUTO`` that came out static) keep a SymInt whose
+  expression is a constant; TVM turns it into a shape *variable* named "64", and every shape computed
+  from it is unknown. Their metadata is made static.
+- ``aten.cat`` drops the legacy empty 1-D tensors torch skips (transformers' DynamicCache starts each
+  layer's keys and values as ``torch.tensor([])`` and concatenates onto it); TVM's concat refuses tensors
+  of another rank ("Concat expects all input tensors to have same ndim").
 - Negative dimension arguments (``dim=-1``, ``dims=[-2, -1]``...) of every ATen op are made
   non-negative from the rank of the tensor they index: TVM's converters pass some through unnormalised
   when a dimension is symbolic, and legalization then fails (``Check failed: axis < src_tensor_dim
@@ -12,6 +18,8 @@
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -29,6 +37,8 @@ def prepare_for_import(program: torch.export.ExportedProgram) -> torch.export.Ex
     with ``run_ep_decomposition=False``."""
     views_as_reshapes(program.graph_module)
     program = program.run_decompositions()
+    static_placeholders(program.graph_module)
+    concat_without_empty(program.graph_module)
     normalize_dims(program.graph_module)
     return program
 
@@ -43,6 +53,60 @@ def views_as_reshapes(gm: torch.fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+def static_placeholders(gm: torch.fx.GraphModule) -> int:
+    """Give every placeholder whose SymInt sizes are constants plain int sizes, in place; returns how many."""
+    changed = 0
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        sizes = [_constant(d) for d in value.shape]
+        if all(isinstance(d, int) for d in value.shape) or any(size is None for size in sizes):
+            continue
+        with value.fake_mode if hasattr(value, "fake_mode") else contextlib.nullcontext():
+            node.meta["val"] = torch.empty(sizes, dtype=value.dtype, device=value.device)
+        if "tensor_meta" in node.meta:
+            node.meta["tensor_meta"] = node.meta["tensor_meta"]._replace(shape=torch.Size(sizes))
+        changed += 1
+    return changed
+
+
+def _constant(size) -> int | None:
+    """A size as an int where it is one (a SymInt whose expression is a constant), else None."""
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr
+    return int(expr) if expr.is_Integer else None
+
+
+def concat_without_empty(gm: torch.fx.GraphModule) -> int:
+    """Drop the ``(0,)``-shaped inputs of every ``aten.cat`` of higher-rank tensors, in place (torch
+    skips them); returns how many."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.cat.default:
+            continue
+        out = node.meta.get("val")
+        kept = [t for t in node.args[0] if not (out is not None and out.dim() > 1 and _is_legacy_empty(t))]
+        if len(kept) == len(node.args[0]):
+            continue
+        dropped += len(node.args[0]) - len(kept)
+        if len(kept) == 1:
+            node.replace_all_uses_with(kept[0])
+            gm.graph.erase_node(node)
+        else:
+            node.args = (kept, *node.args[1:])
+    if dropped:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return dropped
+
+
+def _is_legacy_empty(node) -> bool:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and _constant(value.shape[0]) == 0
 
 
 def normalize_dims(gm: torch.fx.GraphModule) -> int:
