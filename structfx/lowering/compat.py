@@ -5,18 +5,21 @@ apache-tvm 0.27 renamed ``tvm.tir`` to ``tvm.tirx`` and moved schedules, dlight 
 """
 
 import tvm
-from tvm import relax, te, tirx
+import tvm.sym
+from tvm import relax, te, tirx, topi
+from tvm.ir import TensorLoad
 from tvm.ir.utils import derived_object
 from tvm.relax.frontend import detach_params
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.s_tir import Schedule, dlight, meta_schedule
 from tvm.s_tir.dlight import ScheduleRule
-from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
+from tvm.s_tir.schedule import ScheduleError
 from tvm.support.tar import tar
 from tvm.target import Target, codegen
 
 __all__ = [
-    "Schedule", "ScheduleRule", "Target", "codegen", "derived_object", "detach_params", "dlight",
-    "from_exported_program",
-    "meta_schedule", "normalize_prim_func", "relax", "tar", "te", "tirx", "tvm",
+    "Schedule", "ScheduleError", "ScheduleRule", "Target", "TensorLoad", "codegen", "derived_object",
+    "detach_params", "dlight", "from_exported_program", "get_root_block", "meta_schedule", "normalize_prim_func",
+    "relax", "tar", "te", "tirx", "topi", "tvm",
 ]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, ScheduleRule, Target, dlight, normalize_prim_func
-from structfx.lowering.ops.common import OpRule, knob
+from structfx.lowering.ops.common import OpRule, knob, vector_lanes
+from structfx.lowering.rules.spatial import parallel_vectorized
 
 
 class GenericCPU(OpRule):
     """Everything else on the CPU (TVM's legalized ops): inline what can be inlined, then run each
-    block's spatial loops in parallel. Correct for any PrimFunc; fast only for simple ones. When tuning,
-    elementwise blocks are split by a sampled factor: the outer part in parallel, the inner vectorized."""
+    block's spatial loops in parallel, an elementwise block's innermost loop vectorised. Correct for any
+    PrimFunc; fast only for simple ones. When tuning, elementwise blocks are split by a sampled factor
+    instead: the outer part in parallel, the inner vectorized."""
 
     has_knobs = True
 
@@ -23,6 +25,9 @@ class GenericCPU(OpRule):
             loops = sch.get_loops(info.block_rv)
             spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
             if not spatial or len(spatial) != len(loops) - kinds.count("R") or kinds.count("O"):
+                continue
+            if not tunable and "R" not in kinds:
+                parallel_vectorized(sch, info.block_rv, vector_lanes(target))
                 continue
             sch.reorder(*spatial, *[loop for loop, kind in zip(loops, kinds) if kind == "R"])
             fused = sch.fuse(*spatial)
@@ -47,15 +52,19 @@ def rules_for(target: Target) -> list[ScheduleRule]:
         gpu = dlight.gpu
         return [MaxPlusCUDA(), MaxPlusPoolCUDA(), SPMCUDA(), BTTCUDA(), gpu.Matmul(), gpu.GEMV(), gpu.Reduction(),
                 gpu.GeneralReduction(), gpu.Fallback()]
-    return [MaxPlusCPU(), MaxPlusPoolCPU(), SPMCPU(), SPMCoefficientsCPU(), BTTCPU(), GenericCPU()]
+    from structfx.lowering.rules.conv import Conv
+    from structfx.lowering.rules.matmul import Matmul
+
+    return [MaxPlusCPU(), MaxPlusPoolCPU(), SPMCPU(), SPMCoefficientsCPU(), BTTCPU(), Matmul(), Conv(),
+            dlight.cpu.Reduction(), GenericCPU()]
 
 
 def legalize(mod, target: Target):
-    """Every Relax op as a TIR PrimFunc (ours already are), ready to schedule or tune."""
-    from structfx.lowering.compat import relax
+    """Every Relax op as a TIR PrimFunc (ours already are), fused with its neighbours where TVM's
+    operator fusion allows (``structfx.lowering.fusion``), ready to schedule or tune."""
+    from structfx.lowering.fusion import legalize_and_fuse
 
-    with target:
-        return relax.transform.LegalizeOps()(mod)
+    return legalize_and_fuse(mod, target)
 
 
 def apply_schedules(mod, target: Target):

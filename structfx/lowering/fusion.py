@@ -1,0 +1,77 @@
+"""Legalization with operator fusion: every Relax op as TIR, neighbours merged into one kernel.
+
+The order is TVM's own CPU pipeline (``relax.backend.cpu_generic.legalize_passes``): LegalizeOps,
+AnnotateTIROpPattern, FuseOps, FuseTIR, so bias adds, activations, residual adds and scales fuse into
+the matmul they follow (one PrimFunc with the matmul block and its elementwise epilogue blocks) and
+chains of elementwise ops become one kernel. On the CPU a ``matmul(x, permute_dims(w))`` is first made
+one ``NT_matmul`` (TVM's FuseTransposeMatmul) that reads ``w`` in its stored (N, K) layout: no
+transposed copy of the weights per call, and the matmul rule's dot-product kernel reads both operands
+contiguously. Our own kernels (PrimFuncs named ``structfx_*``) are marked opaque, so fusion leaves them,
+their names and their block names as they are: their schedule rules, ``CompiledModel.kernels`` and
+tuning's task extraction find them by those names.
+"""
+
+from __future__ import annotations
+
+from structfx.lowering.compat import Target, relax, tirx, tvm
+
+#: TVM's OpPatternKind kOpaque: FuseOps neither fuses into nor out of such a function.
+OPAQUE = 8
+
+
+def legalize_and_fuse(mod, target: Target):
+    """``mod`` with every Relax op lowered to TIR and fusible neighbours merged into one PrimFunc each."""
+    with target:
+        if target.kind.name == "llvm":
+            mod = unbroadcast_matmul_weights(mod)
+            mod = relax.transform.FuseTransposeMatmul()(mod)
+        mod = relax.transform.LegalizeOps()(mod)
+        mod = relax.transform.AnnotateTIROpPattern()(mod)
+        mod = mark_ours_opaque(mod)
+        mod = relax.transform.FuseOps()(mod)
+        mod = relax.transform.FuseTIR()(mod)
+        return relax.transform.DeadCodeElimination()(mod)
+
+
+def unbroadcast_matmul_weights(mod):
+    """``matmul(x, broadcast_to(w2d, (B, K, N)))`` as ``matmul(x, w2d)``, which broadcasts the same way:
+    torch.export spells a linear layer on a non-contiguous 3-D input as expand + bmm, which would copy
+    the weight B times per call. A ``broadcast_to`` of a tensor to its own shape is dropped as well."""
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x, w, shape = wildcard(), wildcard(), wildcard()
+    broadcast = is_op("relax.broadcast_to")(w, shape)
+    weight_matmul = is_op("relax.matmul")(x, broadcast)
+
+    def drop_weight_broadcast(call, matches):
+        weight = matches[w]
+        if weight.ty.ndim != 2 or not _same_dims(weight.ty.shape, list(call.args[1].ty.shape)[-2:]):
+            return call
+        return relax.op.matmul(matches[x], weight, out_dtype=call.attrs.out_dtype)
+
+    def drop_identity_broadcast(call, matches):
+        source = matches[w]
+        return source if _same_dims(source.ty.shape, call.ty.shape) else call
+
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            func = rewrite_call(weight_matmul, drop_weight_broadcast, func)
+            mod[gv] = rewrite_call(broadcast, drop_identity_broadcast, func)
+    return mod
+
+
+def _same_dims(a, b) -> bool:
+    """Whether two shapes are provably equal (False where either is unknown)."""
+    if a is None or b is None:
+        return False
+    a, b = list(a), list(b)
+    analyzer = tvm.sym.Analyzer()
+    return len(a) == len(b) and all(analyzer.can_prove_equal(x, y) for x, y in zip(a, b))
+
+
+def mark_ours_opaque(mod):
+    """Our kernels (``structfx_*``) with ``op_pattern`` set to opaque, whatever the analysis found."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("structfx_"):
+            mod[gv] = func.with_attr("op_pattern", OPAQUE)
+    return mod

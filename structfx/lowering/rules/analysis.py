@@ -1,0 +1,136 @@
+"""What a PrimFunc computes, as the CPU rules need it: its matmul block and the role of each loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from structfx.lowering.compat import Schedule, ScheduleError, TensorLoad, get_root_block, tirx
+
+
+@dataclass(frozen=True)
+class MatmulForm:
+    """A block ``C[batch.., i, j] += A[batch.., i, k] * B[batch.., (j, k) or (k, j)]`` (batch indices of
+    A and B may be constant 0, for broadcasting). Fields are positions in the block's iter vars; ``nt``
+    says B is stored (.., N, K) ("NT": x times a transposed weight, Q times K^T) rather than (.., K, N)."""
+
+    batch: tuple[int, ...]
+    i: int
+    j: int
+    k: int
+    nt: bool
+
+
+def root_blocks(sch: Schedule) -> list:
+    """The blocks directly under the function's root block, in program order."""
+    return list(sch.get_child_blocks(get_root_block(sch)))
+
+
+def reduces(block: tirx.SBlock) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars)
+
+
+def inline_epilogue(sch: Schedule, main):
+    """Inline every block after ``main`` into the last one (the function's output), which is returned;
+    None where one of them cannot be inlined (it is not elementwise)."""
+    blocks = root_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    after = blocks[names.index(sch.get(main).name_hint) + 1:]
+    for block in after[:-1]:
+        try:
+            sch.compute_inline(block)
+        except ScheduleError:
+            return None
+    return after[-1] if after else None
+
+
+def matmul_form(block: tirx.SBlock) -> MatmulForm | None:
+    """The matmul form of ``block``, or None where it is not a float32 multiply-accumulate of two loads
+    indexed by plain loop variables."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or block.init is None:
+        return None
+    update = store.value
+    if not isinstance(update, tirx.Add) or str(update.ty) != "float32":
+        return None
+    product = update.b if _loads(update.a, store.buffer) else update.a if _loads(update.b, store.buffer) else None
+    if not isinstance(product, tirx.Mul) or not all(isinstance(x, TensorLoad) for x in (product.a, product.b)):
+        return None
+    names = [iv.var for iv in block.iter_vars]
+    reduce = [n for n, iv in enumerate(block.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
+    out = _positions(store.indices, names)
+    if len(reduce) != 1 or out is None or len(out) < 2 or None in out:
+        return None
+    k, i, j = reduce[0], out[-2], out[-1]
+    operands = [_positions(load.indices, names) for load in (product.a, product.b)]
+    if any(p is None or len(p) < 2 for p in operands):
+        return None
+    if operands[0][-2:] != [i, k]:
+        operands.reverse()
+    a, b = operands
+    if a[-2:] != [i, k] or b[-2:] not in ([j, k], [k, j]):
+        return None
+    batch = tuple(out[:-2])
+    if any(p is not None and p not in batch for p in a[:-2] + b[:-2]):
+        return None
+    if sorted([*batch, i, j, k]) != list(range(len(names))):
+        return None
+    return MatmulForm(batch, i, j, k, nt=b[-2:] == [j, k])
+
+
+def _loads(expr, buffer) -> bool:
+    return isinstance(expr, TensorLoad) and expr.source.same_as(buffer)
+
+
+def _positions(indices, names) -> list | None:
+    """Each index as the position of the iter var it is, None for a constant 0; None overall where an
+    index is anything else."""
+    found = []
+    for index in indices:
+        if isinstance(index, tirx.IntImm) and index.value == 0:
+            found.append(None)
+            continue
+        match = [n for n, name in enumerate(names) if index.same_as(name)]
+        if not match:
+            return None
+        found.append(match[0])
+    return found
+
+
+@dataclass(frozen=True)
+class ConvForm:
+    """A block ``out[.., f, .., x] += input[<expressions>] * weight[f, reduce..]`` (conv1d/2d, grouped
+    and depthwise included, NC(H)W): ``f`` the output channel, ``x`` the innermost output axis,
+    ``outer`` the other output axes (batch, rows) in output order; positions in the block's iter vars."""
+
+    outer: tuple[int, ...]
+    f: int
+    x: int
+    reduce: tuple[int, ...]
+    order: tuple[int, ...]  # the output's axes in order
+
+
+def conv_form(block: tirx.SBlock) -> ConvForm | None:
+    """The convolution form of ``block``, or None where it is not a float32 one."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or block.init is None:
+        return None
+    update = store.value
+    if not isinstance(update, tirx.Add) or str(update.ty) != "float32":
+        return None
+    product = update.b if _loads(update.a, store.buffer) else update.a if _loads(update.b, store.buffer) else None
+    if not isinstance(product, tirx.Mul) or not all(isinstance(x, TensorLoad) for x in (product.a, product.b)):
+        return None
+    names = [iv.var for iv in block.iter_vars]
+    reduce = tuple(n for n, iv in enumerate(block.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce)
+    out = _positions(store.indices, names)
+    if not reduce or out is None or len(out) < 3 or None in out:
+        return None
+    plain = [_positions(load.indices, names) for load in (product.a, product.b)]
+    if (plain[0] is None) == (plain[1] is None):
+        return None
+    weight = plain[0] if plain[0] is not None else plain[1]
+    channels = [p for p in weight if p is not None and p not in reduce]
+    if len(channels) != 1 or channels[0] == out[-1] or channels[0] not in out:
+        return None
+    f, x = channels[0], out[-1]
+    return ConvForm(tuple(p for p in out if p not in (f, x)), f, x, reduce, tuple(out))

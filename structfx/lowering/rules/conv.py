@@ -1,0 +1,95 @@
+"""CPU convolution rule: direct convolution (conv1d/conv2d, NC(H)W, grouped and depthwise included).
+
+A register tile of MR output channels by NR positions along the output's innermost axis accumulates in
+registers over every (input channel, kernel offset): per step MR broadcast weights and one vector load of
+the (padded) input row, the outer product of the two (the outer-product micro-kernel of the matmul rule,
+with the input row in place of B; Goto & van de Geijn 2008). Tiles over batch, channel blocks and output
+rows run in parallel; the fused epilogue (bias, batch norm, activation, residual add) is applied to each
+tile while it is in registers. The zero padding stays its own parallel, vectorised pass.
+"""
+
+from __future__ import annotations
+
+from structfx.lowering.compat import Schedule, Target, tirx
+from structfx.lowering.ops.common import OpRule, present, vector_lanes
+from structfx.lowering.rules.analysis import conv_form, inline_epilogue, reduces, root_blocks
+from structfx.lowering.rules.matmul import registers
+from structfx.lowering.rules.spatial import parallel_vectorized
+
+#: Widest tile along the output axis, in vectors.
+MAX_VECTORS = 2
+
+
+class Conv(OpRule):
+    """One convolution block per function, spatial blocks (padding) before it, elementwise after it."""
+
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
+        blocks = root_blocks(sch)
+        forms = [conv_form(sch.get(b)) for b in blocks]
+        if sum(f is not None for f in forms) != 1:
+            return False
+        position = next(n for n, f in enumerate(forms) if f is not None)
+        main, form = blocks[position], forms[position]
+        if any(reduces(sch.get(b)) for n, b in enumerate(blocks) if n != position):
+            return False
+        extents = [iv.dom.extent for iv in sch.get(main).iter_vars]
+        channels, width = extents[form.f], extents[form.x]
+        if not isinstance(channels, tirx.IntImm) or not isinstance(width, tirx.IntImm):
+            return False
+        if position == len(blocks) - 1:
+            sch.cache_write(main, 0, "global")  # the tile's copy out: the accumulators stay local
+        out = inline_epilogue(sch, main)
+        if out is None:
+            return False
+        others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in
+                  (sch.get(main).name_hint, sch.get(out).name_hint)]
+        lanes = vector_lanes(target)
+        nr = _width_tile(width.value, lanes)
+        vectors = -(-nr // lanes)
+        mr = max(d for d in range(1, min(8, (registers(lanes) - 4) // vectors) + 1) if channels.value % d == 0)
+        loops = list(sch.get_loops(main))[-len(extents):]
+        f_outer, f_inner = _tile(sch, loops[form.f], channels.value, mr)
+        x_outer, x_inner = _tile(sch, loops[form.x], width.value, nr)
+        outer = []
+        for axis in form.order:
+            if axis == form.f:
+                outer += present(f_outer)
+            elif axis == form.x:
+                outer += present(x_outer)
+            else:
+                outer.append(loops[axis])
+        reduce = [loops[p] for p in form.reduce]
+        sch.reorder(*outer, *reduce, *present(f_inner, x_inner))
+        tile = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(tile)
+        if f_inner is not None:
+            sch.unroll(f_inner)
+        if x_inner is not None:
+            sch.vectorize(x_inner)
+        sch.reverse_compute_at(out, tile)
+        sch.decompose_reduction(main, reduce[0])
+        sch.set_scope(main, 0, "local")
+        out_loops = sch.get_loops(out)
+        if isinstance(sch.get(out_loops[-1]).extent, tirx.IntImm):
+            sch.vectorize(out_loops[-1])
+        for block in others:
+            parallel_vectorized(sch, block, lanes)
+        return True
+
+
+def _tile(sch: Schedule, loop, extent: int, factor: int):
+    """(outer, inner) of a split by ``factor`` (a divisor of ``extent``); None for a side of extent 1."""
+    if factor >= extent:
+        return None, loop
+    if factor <= 1:
+        return loop, None
+    return sch.split(loop, [None, factor])
+
+
+def _width_tile(width: int, lanes: int) -> int:
+    """Positions per tile along the output axis: all of it up to MAX_VECTORS vectors, else its largest
+    divisor that fills at least half a vector (1 where there is none: a scalar tile)."""
+    if width <= MAX_VECTORS * lanes:
+        return width
+    fitting = [d for d in range(MAX_VECTORS * lanes, lanes // 2 - 1, -1) if width % d == 0]
+    return fitting[0] if fitting else 1

@@ -1,0 +1,175 @@
+"""CPU matmul rule: dense layers (x times a transposed weight) and batched matmuls (attention), any M.
+
+Two register-blocked micro-kernels, chosen by which of B's axes is contiguous (Goto & van de Geijn,
+"Anatomy of high-performance matrix multiplication", 2008, for the register and cache blocking):
+
+- NT, B stored (.., N, K) (nn.Linear's weight as stored, and Q K^T): dot products vectorised over K. A tile
+  of MR x NR outputs keeps MR * NR vectors of ``lanes`` partial sums in registers (the k loop split by the
+  lanes and rfactored), summed across lanes once at the end of K. Both operands are read along K, so the
+  weight is used in the layout it is stored in: no transposed or packed copy of it is made, per call or
+  at all. Tiles of B rows sized for the L2 cache run outermost, so each block of weight rows is read once
+  from memory and reused by every row tile.
+- NN, B stored (.., K, N) (attention's probabilities times V): outer products vectorised over N: MR rows
+  by NV lanes of accumulators, per k a broadcast of A and a vector load of B.
+
+Output tiles run in parallel; the epilogue the function was fused with (bias, activation, residual add,
+scale) is applied to each tile while it is in registers. M may be symbolic with no divisibility
+guarantee, K need not be a multiple of the lanes: such extents are padded (``pad_einsum``: A is copied
+into a zero-padded buffer, padded outputs are never stored), so the micro-kernel has no tail.
+"""
+
+from __future__ import annotations
+
+from structfx.lowering.compat import Schedule, Target, tirx
+from structfx.lowering.ops.common import OpRule, vector_lanes
+from structfx.lowering.rules.analysis import MatmulForm, inline_epilogue, matmul_form, reduces, root_blocks
+from structfx.lowering.rules.spatial import parallel_vectorized
+
+#: Bytes of B rows kept per parallel block of NT tiles (half of a 512 KiB L2, the rest for A and C).
+L2_BLOCK_BYTES = 256 * 1024
+
+
+def registers(lanes: int) -> int:
+    """Vector registers of the ISA with ``lanes`` float32 lanes (16 on AVX2, 32 on AVX-512)."""
+    return 32 if lanes >= 16 else 16
+
+
+def nt_tile(lanes: int) -> tuple[int, int]:
+    """(MR, NR) of the dot-product kernel: MR * NR accumulators and MR + NR loads per step fit the
+    registers without spilling (LLVM loads all NR rows of B before using them: 4 x 2 on AVX2)."""
+    return (6, 3) if registers(lanes) >= 32 else (4, 2)
+
+
+def nn_tile(lanes: int) -> tuple[int, int]:
+    """(MR, vectors) of the outer-product kernel: MR * vectors accumulators, vectors + 1 for loads."""
+    return (8, 3) if registers(lanes) >= 32 else (6, 2)
+
+
+class Matmul(OpRule):
+    """One matmul block per function (legalized ``matmul``/``NT_matmul``, fused with elementwise
+    blocks after it, spatial blocks before it); float32."""
+
+    def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
+        blocks = root_blocks(sch)
+        forms = [matmul_form(sch.get(b)) for b in blocks]
+        if sum(f is not None for f in forms) != 1:
+            return False
+        position = next(n for n, f in enumerate(forms) if f is not None)
+        main, form = blocks[position], forms[position]
+        if any(reduces(sch.get(b)) for n, b in enumerate(blocks) if n != position):
+            return False
+        lanes = vector_lanes(target)
+        extents = [iv.dom.extent for iv in sch.get(main).iter_vars]
+        if position == len(blocks) - 1:
+            sch.cache_write(main, 0, "global")  # the tile's copy out: the accumulators stay local
+        if form.nt:
+            mr, nr = nt_tile(lanes)
+            mr, nr, k_lanes = _pad(sch, main, form, extents, mr, nr, k_multiple=lanes)
+        else:
+            mr, vectors = nn_tile(lanes)
+            nv = lanes * vectors if _divides(lanes * vectors, extents[form.j]) else lanes
+            mr, nr, _ = _pad(sch, main, form, extents, mr, nv, k_multiple=1)
+        out = inline_epilogue(sch, main)
+        if out is None:
+            return False
+        nest = {sch.get(main).name_hint, sch.get(out).name_hint}
+        others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in nest]
+        if form.nt:
+            _nt_kernel(sch, main, out, form, mr, nr, lanes, extents)
+        else:
+            _nn_kernel(sch, main, out, form, mr, nr)
+        for block in others:
+            parallel_vectorized(sch, block, lanes)
+        return True
+
+
+def _divides(factor: int, extent) -> bool:
+    return isinstance(extent, tirx.IntImm) and extent.value % factor == 0
+
+
+def _static(extent) -> int | None:
+    return extent.value if isinstance(extent, tirx.IntImm) else None
+
+
+def _pad(sch: Schedule, main, form: MatmulForm, extents: list, mr: int, nr: int, k_multiple: int):
+    """Pad the block's M (and K to ``k_multiple``, N to ``nr``) where the tile does not divide it.
+    A static M smaller than the tile shrinks the tile instead. Returns the (MR, NR, K multiple) used."""
+    padding = [1] * len(extents)
+    m = _static(extents[form.i])
+    if m is not None and m < mr:
+        mr = m
+    elif not _divides(mr, extents[form.i]):
+        padding[form.i] = mr
+    n = _static(extents[form.j])
+    divisors = [d for d in range(nr, 1, -1) if n is not None and n % d == 0]
+    if n is not None and n < nr:
+        nr = n
+    elif divisors and (form.nt or divisors[0] == nr):
+        nr = divisors[0]
+    else:
+        padding[form.j] = nr
+    if not _divides(k_multiple, extents[form.k]):
+        padding[form.k] = k_multiple
+    if any(p > 1 for p in padding):
+        sch.pad_einsum(main, padding)
+    return mr, nr, k_multiple
+
+
+def _loops_by_iter(sch: Schedule, block, count: int) -> list:
+    """The block's loops, one per iter var in order (the binding is trivial: legalized and padded)."""
+    loops = list(sch.get_loops(block))
+    return loops[-count:]
+
+
+def _nt_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int, lanes: int, extents: list) -> None:
+    loops = _loops_by_iter(sch, main, len(extents))
+    k_outer, k_lane = sch.split(loops[form.k], [None, lanes])
+    rf = sch.rfactor(k_lane, factor_axis=len(form.batch) + 2)
+    loops = list(sch.get_loops(rf))
+    loops = loops[-(len(extents) + 1):]
+    by_iter = loops[:form.k] + [None] + loops[form.k + 2:]
+    k_outer, k_lane = loops[form.k], loops[form.k + 1]
+    batch = [by_iter[p] for p in form.batch]
+    i_outer, i_inner = sch.split(by_iter[form.i], [None, mr])
+    n = _static(extents[form.j])
+    n_padded = -(-n // nr) * nr if n is not None else None
+    rows_per_block = max(1, L2_BLOCK_BYTES // (4 * max(1, _static(extents[form.k]) or 1)) // nr)
+    tiles = n_padded // nr if n_padded is not None else None
+    block_tiles = max(d for d in range(1, min(rows_per_block, tiles or 1) + 1) if tiles and tiles % d == 0)
+    if tiles and 1 < block_tiles < tiles:
+        j_block, j_outer, j_inner = sch.split(by_iter[form.j], [None, block_tiles, nr])
+        sch.reorder(*batch, j_block, i_outer, j_outer, k_outer, i_inner, j_inner, k_lane)
+        tile = sch.fuse(*batch, j_block, i_outer, j_outer)
+    else:
+        j_outer, j_inner = sch.split(by_iter[form.j], [None, nr])
+        sch.reorder(*batch, i_outer, j_outer, k_outer, i_inner, j_inner, k_lane)
+        tile = sch.fuse(*batch, i_outer, j_outer)
+    sch.parallel(tile)
+    sch.unroll(i_inner)
+    sch.unroll(j_inner)
+    sch.vectorize(k_lane)
+    sch.reverse_compute_at(main, tile)
+    sch.reverse_compute_at(out, tile)
+    sch.decompose_reduction(rf, k_outer)
+    sch.set_scope(rf, 0, "local")
+    sch.set_scope(main, 0, "local")
+    for loop in sch.get_loops(main)[1:]:
+        sch.unroll(loop)
+
+
+def _nn_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int) -> None:
+    loops = _loops_by_iter(sch, main, len(form.batch) + 3)
+    batch = [loops[p] for p in form.batch]
+    i_outer, i_inner = sch.split(loops[form.i], [None, mr])
+    j_outer, j_inner = sch.split(loops[form.j], [None, nr])
+    sch.reorder(*batch, i_outer, j_outer, loops[form.k], i_inner, j_inner)
+    tile = sch.fuse(*batch, i_outer, j_outer)
+    sch.parallel(tile)
+    sch.unroll(i_inner)
+    sch.vectorize(j_inner)
+    sch.reverse_compute_at(out, tile)
+    sch.decompose_reduction(main, loops[form.k])
+    sch.set_scope(main, 0, "local")
+    out_loops = sch.get_loops(out)
+    if _static(sch.get(out_loops[-1]).extent) == nr:
+        sch.vectorize(out_loops[-1])

@@ -1,0 +1,27 @@
+"""Loop nests of spatial (elementwise, broadcast, copy) blocks on the CPU: parallel outside, vectorised inside."""
+
+from __future__ import annotations
+
+from structfx.lowering.compat import Schedule, tirx
+
+#: An innermost loop up to this many vectors long is vectorised whole (LLVM splits it into registers).
+WHOLE_VECTORS = 4
+
+
+def parallel_vectorized(sch: Schedule, block, lanes: int) -> None:
+    """Vectorise ``block``'s innermost loop where its extent is static (split into ``lanes`` when it
+    is a longer multiple of them, whole when it is at most WHOLE_VECTORS vectors), then fuse the loops
+    outside it and run them in parallel."""
+    loops = list(sch.get_loops(block))
+    if not loops:
+        return
+    extent = sch.get(loops[-1]).extent
+    if isinstance(extent, tirx.IntImm):
+        if extent.value > WHOLE_VECTORS * lanes and extent.value % lanes == 0:
+            outer, inner = sch.split(loops[-1], [None, lanes])
+            sch.vectorize(inner)
+            loops[-1] = outer
+        elif 1 < extent.value <= WHOLE_VECTORS * lanes:
+            sch.vectorize(loops.pop())
+    if loops:
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
