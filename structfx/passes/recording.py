@@ -75,6 +75,11 @@ def record_calls(model: nn.Module, batches: list[tuple]) -> tuple[dict[nn.Module
     """Runs ``model`` (eval mode, no grad) on a copy of each batch with hooks on every module; returns each
     module's calls and the model's outputs (the reference for the whole-model error). The batches and the
     model's state are left as they were."""
+    return replay(model, [(index, batch, {}) for index, batch in enumerate(batches)])
+
+
+def replay(model: nn.Module, runs: list[tuple[int, tuple, dict]]) -> tuple[dict[nn.Module, list[Call]], list[object]]:
+    """``record_calls`` for calls given as (batch index, args, kwargs)."""
     calls: dict[nn.Module, list[Call]] = defaultdict(list)
     pending: dict[nn.Module, list[Call]] = defaultdict(list)
     producers: dict[int, tuple[Tensor, nn.Module]] = {}
@@ -99,10 +104,11 @@ def record_calls(model: nn.Module, batches: list[tuple]) -> tuple[dict[nn.Module
     outputs = []
     try:
         with torch.no_grad(), evaluation_mode(model), preserved_state(model):
-            for index, batch in enumerate(batches):
+            for index, args, kwargs in runs:
                 current[0] = index
                 producers.clear()
-                outputs.append(model(*snapshot(batch)))
+                args, kwargs = snapshot((args, kwargs))
+                outputs.append(model(*args, **kwargs))
     finally:
         for handle in handles:
             handle.remove()

@@ -20,6 +20,7 @@ from structfx.nn import InPlace
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
 from structfx.passes.axes import axis_of_module_output, channel_axis, resolved_axis
+from structfx.passes.functional import relu_calls_as_modules, restore
 from structfx.passes.proof import disproof
 from structfx.passes.recording import (
     Call,
@@ -28,6 +29,7 @@ from structfx.passes.recording import (
     evaluation_mode,
     preserved_state,
     record_calls,
+    replay,
     snapshot,
 )
 from structfx.passes.registry import SkipSite, builder_for
@@ -86,7 +88,7 @@ class _Rewriter:
     parameter_names: dict[int, list[str]]  # id(parameter) -> every name it has in the model (tied: several)
     rows: list[Row] = field(default_factory=list)
     decisions: dict[object, StandIn | None] = field(default_factory=dict)  # a module, a weight or a node
-    undo: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    undo: list[Callable[[], None]] = field(default_factory=list)  # how to take back each change, in order
 
     def rewrite(self, module: nn.Module, prefix: str) -> nn.Module:
         """The module with its candidates replaced: a GraphModule where it traces and something changed,
@@ -116,25 +118,45 @@ class _Rewriter:
         return gm
 
     def _fall_back(self, module: nn.Module, prefix: str, calls: list[Call], failure: TraceFailure) -> nn.Module:
-        """Children rewritten one by one; the module, run with them, must still reproduce its calls."""
+        """Children rewritten one by one (ReLU calls in the forward made children first); the module, run
+        with them, must still reproduce its calls, or it is left as it was."""
+        mark = len(self.undo)
+        relus = self._relu_calls_as_modules(module, calls)
         if any(True for _ in module.children()):
             self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
-        mark = len(self.undo)
         self._rewrite_children(module, prefix)
+        if relus and all(type(getattr(module, name)) is nn.ReLU for name in relus):
+            self.undo.pop(mark)()  # none of them replaced: the forward goes back to the class's own
         why = disproof(module, calls) if len(self.undo) > mark else None
         if why is not None:
             for stand_in in stand_ins(module):
                 stand_in.revoke(why)
             while len(self.undo) > mark:
-                parent, name, child = self.undo.pop()
-                setattr(parent, name, child)
+                self.undo.pop()()
         return module
+
+    def _relu_calls_as_modules(self, module: nn.Module, calls: list[Call]) -> list[str]:
+        """Makes the ReLU calls in the module's forward child modules (functional.py), with their calls."""
+        if not any(rule.kind == "relu" for rule in self.rules):
+            return []
+        names = relu_calls_as_modules(module)
+        if names is None:
+            return []
+        try:
+            recorded, _ = replay(module, [(c.batch, c.args, c.kwargs) for c in calls])
+        except Exception:  # noqa: BLE001 - the rewritten forward fails: keep the original forward
+            restore(module, names)
+            return []
+        self.undo.append(lambda: restore(module, names))
+        for name in names:
+            self.calls[getattr(module, name)] = recorded.get(getattr(module, name), [])
+        return names
 
     def _rewrite_children(self, module: nn.Module, prefix: str) -> nn.Module:
         for name, child in list(module.named_children()):
             new = self.rewrite(child, f"{prefix}{name}.")
             if new is not child:
-                self.undo.append((module, name, child))
+                self.undo.append(lambda module=module, name=name, child=child: setattr(module, name, child))
                 setattr(module, name, new)
         return module
 

@@ -245,3 +245,28 @@ class MutatesStateAndInputs(nn.Module):
         self.calls += 1
         x.mul_(0.5)
         return self.out(torch.relu(self.fc(x)))
+
+
+class FunctionalReluBranches(nn.Module):
+    """Kind 13, the quoted case: three functional ReLUs in a forward that cannot be traced whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(W, W), nn.Linear(W, W)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        if x.sum() > 0:
+            x = torch.relu(self.b(x))
+        return x.relu()
+
+
+class FunctionalReluSuper(nn.Linear):
+    """Kind 13 with ``super()`` and an in-place ReLU through a view in the untraceable forward."""
+
+    def forward(self, x):
+        h = super().forward(x)
+        torch.relu_(h.view(4, -1))
+        if h.mean() > 1:
+            h = h / 2
+        return F.relu(h - 0.1, inplace=False)

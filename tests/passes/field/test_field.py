@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import structfx as sfx
@@ -216,3 +217,38 @@ def test_a_forward_that_changes_its_state_and_inputs():
     assert "buffer 'calls'" in rows(small)["<model>"].reason  # tracing would have dropped the update
     assert_computes_the_same(small, model, inputs)
     assert float(small.calls) == float(model.calls) == 1
+
+
+# kind 13: functional calls in a forward that cannot be traced whole
+
+
+def _input_zeroing(linear: nn.Linear, rows: int) -> torch.Tensor:
+    """Rows x with linear(x) = -10 everywhere: F.relu of it is 0, so the data-dependent branch is not taken."""
+    target = torch.full((rows, linear.out_features), -10.0) - linear.bias.detach()
+    return torch.linalg.solve(linear.weight.detach(), target.T).T
+
+
+def test_functional_relus_in_an_untraceable_forward_are_replaced_on_either_branch():
+    torch.manual_seed(0)
+    model = m.FunctionalReluBranches()
+    taken, not_taken = _x(8, 64), _input_zeroing(model.a, 8)
+    with torch.no_grad():
+        assert float(F.relu(model.a(not_taken)).sum()) == 0 < float(F.relu(model.a(taken)).sum())
+    inputs = [(taken,), (not_taken,)]
+    small = transformed(model, inputs, calibration=[inputs[1]])
+    assert type(small) is m.FunctionalReluBranches and _count(small, SparseMaxPlus) == 3
+    assert {"relu", "relu_1", "relu_2"} <= {row.name for row in sfx.report(small).replaced}
+    assert_computes_the_same(small, model, inputs)
+    # a ReLU only the example's branch never reaches, and no calibration: kept, with the reason
+    small = transformed(model, [(not_taken,)])
+    assert "never called as a module" in rows(small)["relu_1"].reason
+    assert_computes_the_same(small, model, inputs)
+
+
+def test_functional_relus_under_super_and_through_a_view():
+    torch.manual_seed(0)
+    model = m.FunctionalReluSuper(64, 64)
+    inputs = [(_x(8, 64),), (_x(8, 64, seed=1) * 20,)]
+    small = transformed(model, inputs, calibration=[inputs[1]])
+    assert isinstance(small.relu, InPlace) and isinstance(small.relu_1, SparseMaxPlus)
+    assert_computes_the_same(small, model, inputs)
