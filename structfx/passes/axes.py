@@ -71,7 +71,7 @@ def channel_axis(gm: fx.GraphModule, node: fx.Node, ndim: int, depth: int = 32) 
     if node.op == "call_method":
         if node.target in _ELEMENTWISE_METHODS:
             return _first_known(gm, node, ndim, depth)
-        if node.target == "permute":
+        if node.target == "permute" and len(node.args) > 1:
             dims = node.args[1:] if len(node.args) > 2 or isinstance(node.args[1], int) else node.args[1]
             return _permuted(gm, first, dims, ndim, depth)
         if node.target == "transpose" and len(node.args) == 3:

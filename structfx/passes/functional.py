@@ -27,13 +27,12 @@ from structfx.passes.sites import RELU_FUNCTIONS, RELU_METHODS
 def relu_calls_as_modules(module: nn.Module) -> list[str] | None:
     """Rewrites ``module.forward`` in place; returns the names of the new ReLU children (None: nothing done)."""
     function = type(module).forward
-    if "forward" in module.__dict__ or hasattr(function, "__wrapped__"):
+    if not isinstance(function, types.FunctionType) or "forward" in module.__dict__ or hasattr(function, "__wrapped__"):
         return None
     try:
-        source = textwrap.dedent(inspect.getsource(function))
-    except (OSError, TypeError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):  # no source (built in, made by exec), or not a whole def
         return None
-    tree = ast.parse(source)
     definition = tree.body[0]
     if not isinstance(definition, ast.FunctionDef) or definition.decorator_list or not definition.args.args:
         return None
@@ -41,7 +40,10 @@ def relu_calls_as_modules(module: nn.Module) -> list[str] | None:
     rewriter.visit(definition)
     if not rewriter.added:
         return None
-    new_forward = _compiled(tree, function, type(module))
+    try:
+        new_forward = _compiled(tree, function, type(module))
+    except (SyntaxError, ValueError, TypeError, NameError):  # e.g. a closure over something no longer there
+        return None
     for name, inplace in rewriter.added:
         module.add_module(name, nn.ReLU(inplace=inplace))
     module.forward = types.MethodType(new_forward, module)

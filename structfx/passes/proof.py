@@ -17,10 +17,12 @@ _OBJECT_DEPTH = 4
 
 
 def disproof(region: nn.Module, calls: list[Call]) -> str | None:
-    """Why ``region`` does not reproduce ``calls``, or None when it does on every one kept whole."""
-    for call in calls:
-        if call.after is None:
-            continue
+    """Why ``region`` does not reproduce ``calls``, or None when it does on every one kept whole (at
+    least one: a region never run on the example or the first calibration batches is not proven)."""
+    kept = [call for call in calls if call.after is not None]
+    if not kept:
+        return "no recorded call to prove it on (neither the example inputs nor the first calibration batches)"
+    for call in kept:
         args, kwargs = call.fresh()
         with torch.no_grad(), evaluation_mode(region):
             try:
