@@ -52,13 +52,21 @@ def evaluation_mode(model: nn.Module):
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module):
-    """Every parameter and buffer of ``model`` as it was on entry, whatever its forward writes to them."""
-    saved = [(t, t.detach().clone()) for t in model.state_dict(keep_vars=True).values() if isinstance(t, Tensor)]
+    """Every parameter and buffer of ``model`` as it was on entry, whatever its forward writes to them
+    (in place, or by assigning a new tensor to the attribute)."""
+    saved = [
+        (table, name, tensor, tensor.detach().clone())
+        for module in model.modules()
+        for table in (module._parameters, module._buffers)
+        for name, tensor in table.items()
+        if isinstance(tensor, Tensor)
+    ]
     try:
         yield model
     finally:
         with torch.no_grad():
-            for tensor, value in saved:
+            for table, name, tensor, value in saved:
+                table[name] = tensor
                 if tensor.shape != value.shape or not torch.equal(tensor, value):
                     tensor.data = value
 

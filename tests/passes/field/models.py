@@ -234,15 +234,18 @@ class TrainingBatchNorm(nn.Module):
 
 
 class MutatesStateAndInputs(nn.Module):
-    """Kind 6: a forward that counts its calls in a buffer and scales its input in place."""
+    """Kind 6: a forward that counts its calls in buffers (in place, and by assignment) and scales its input
+    in place."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc, self.out = nn.Linear(W, W), nn.Linear(W, W)
         self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("total", torch.zeros(()))
 
     def forward(self, x):
         self.calls += 1
+        self.total = self.total + x.sum()  # a new tensor assigned to the buffer
         x.mul_(0.5)
         return self.out(torch.relu(self.fc(x)))
 
