@@ -253,3 +253,30 @@ def test_functional_relus_under_super_and_through_a_view():
     small = transformed(model, inputs, calibration=[inputs[1]])
     assert isinstance(small.relu, InPlace) and isinstance(small.relu_1, SparseMaxPlus)
     assert_computes_the_same(small, model, inputs)
+
+
+# every model, every rule: approximate rules promise no exactness, but the same guarantees otherwise
+
+FIELD = [
+    (m.InplaceModuleStatement, (8, 64)), (m.InplaceMethodStatement, (8, 64)), (m.InplaceThroughView, (2, 4, 64)),
+    (m.InplaceOnTheInput, (8, 64)), (m.InplaceUnderUntraceableParent, (8, 64)), (m.SubclassedLayers, (8, 64)),
+    (m.ReadsChildAttributes, (2, 3, 8, 8)), (m.SharedReluTwoWidths, (8, 64)), (m.LinearCalledTwice, (8, 64)),
+    (m.ReluAfterConv1d, (2, 8, 12)), (m.ReluChannelsLast, (2, 3, 6, 6)), (m.ConvReluConv, (2, 3, 10, 10)),
+    (m.AdaptiveMaxHead, (2, 3, 8, 8)), (m.DefaultStridePools, (2, 3, 9, 9)), (m.TrainingBatchNorm, (8, 3, 4, 4)),
+    (m.MutatesStateAndInputs, (8, 64)), (m.FunctionalReluBranches, (8, 64)),
+]
+APPROXIMATE_RULES = [sfx.SPM(fit_steps=2), sfx.BTT(rank=2), sfx.MaxPlus(k=2, init="paper"), sfx.MaxPlusPool()]
+
+
+@pytest.mark.parametrize("build, shape", FIELD, ids=[build.__name__ for build, _ in FIELD])
+def test_every_field_model_with_approximate_rules_and_then_fine_tuned(build, shape):
+    torch.manual_seed(0)
+    model = build()
+    inputs = [(_x(*shape),)]
+    small = transformed(model, inputs, rules=APPROXIMATE_RULES)
+    assert sfx.report(small).replaced
+    small.train()
+    out = small(_x(*shape, seed=3))
+    assert out.shape == model(_x(*shape, seed=3)).shape and torch.isfinite(out).all()
+    out.square().mean().backward()  # the in-place forms (copy_ back, InPlace) train too
+    assert all(p.grad is not None for p in small.parameters() if p.requires_grad and p.dim() > 1)
