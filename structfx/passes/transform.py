@@ -2,7 +2,9 @@
 
 The whole model is traced when it can be. Where symbolic tracing fails (data-dependent control flow, the
 common case in transformers models), each child is traced on its own, recursively, and leaf layers that
-no trace reaches are swapped as modules; the report names every part that fell back and why.
+no trace reaches are swapped as modules (ReLU calls in such a forward made modules first: functional.py);
+the report names every part that fell back and why. Every rewritten region is proven to compute what it
+did, bit for bit, with stand-ins of the original layers (standin.py, proof.py), or left as it was.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from structfx.errors import StructfxError
@@ -21,6 +22,14 @@ from structfx.nn.fitting import relative_error
 from structfx.passes import cost
 from structfx.passes.axes import axis_of_module_output, channel_axis, resolved_axis
 from structfx.passes.functional import relu_calls_as_modules, restore
+from structfx.passes.keep import (
+    direct_reads,
+    owner_problem,
+    parameter_names,
+    shape_problem,
+    tie_problem,
+    weight_read_problem,
+)
 from structfx.passes.proof import disproof
 from structfx.passes.recording import (
     Call,
@@ -64,7 +73,7 @@ def transform(
     result = copy.deepcopy(model)
     with preserved_state(result):
         calls, reference_outputs = record_calls(result, batches)
-        rewriter = _Rewriter(rules, filter_fn, calls, len(batches) > 1, _parameter_names(result))
+        rewriter = _Rewriter(rules, filter_fn, calls, len(batches) > 1, parameter_names(result))
         result = materialize(rewriter.rewrite(result, ""))
     with torch.no_grad(), evaluation_mode(result), preserved_state(result):
         outputs = [result(*snapshot(batch)) for batch in batches[1:] or batches]
@@ -181,7 +190,7 @@ class _Rewriter:
             if site.kind == "relu" and site.input_shape:
                 site.channel_axis = channel_axis(gm, site.input_node, len(site.input_shape))
             if site.node.op == "call_module":
-                stand_in = self.module_stand_in(site, _direct_reads(gm, site.node))
+                stand_in = self.module_stand_in(site, direct_reads(gm, site.node))
             else:
                 site.samples = recorder.samples.get(site.node, [])
                 stand_in = self.functional_stand_in(gm, module, site)
@@ -218,7 +227,7 @@ class _Rewriter:
                 if found is None:
                     found = axis_of_module_output(calls[0].producer, len(site.input_shape))
                 site.channel_axis = resolved_axis(found, site.input_shape)
-            problem = problem or _shape_problem(site, inputs) or self._tie_problem(site.module.parameters(False))
+            problem = problem or shape_problem(site, inputs) or tie_problem(self.parameter_names, site.module)
         site.samples = capped([c.args[0] for c in self._sample_calls(calls) if c.args])
         stand_in = self.convert(site, problem)
         self.decisions[site.module] = stand_in
@@ -229,9 +238,10 @@ class _Rewriter:
         problem = None
         if site.kind == "dense":
             key = site.module.weight
-            problem = _weight_read_problem(gm, site) or self._tie_problem(
-                [p for p in (site.module.weight, site.module.bias) if p is not None]
-            ) or self._owner_problem(region, site)
+            problem = (
+                weight_read_problem(site) or tie_problem(self.parameter_names, site.module)
+                or owner_problem(region, site, self.calls)
+            )
         else:
             key = site.node
             if site.kind == "relu" and site.input_shape:
@@ -241,22 +251,6 @@ class _Rewriter:
         stand_in = self.convert(site, problem)
         self.decisions[key] = stand_in
         return stand_in
-
-    def _tie_problem(self, parameters: Iterable[nn.Parameter]) -> str | None:
-        for parameter in parameters:
-            names = self.parameter_names.get(id(parameter), [])
-            if len(names) > 1:
-                return f"its parameter is tied ({' = '.join(names)}): kept, since replacing it would untie them"
-        return None
-
-    def _owner_problem(self, region: nn.Module, site: Site) -> str | None:
-        """F.linear on a weight that belongs to a layer called on its own (an embedding used as lm_head)."""
-        weight_node = site.node.args[1] if len(site.node.args) > 1 else site.node.kwargs.get("weight")
-        owner_path = str(weight_node.target).rpartition(".")[0] if isinstance(weight_node, fx.Node) else ""
-        owner = region.get_submodule(owner_path) if owner_path else region
-        if owner is not region and owner in self.calls and type(owner).__module__.startswith("torch.nn"):
-            return f"its weight belongs to {owner_path} ({type(owner).__name__}), which uses it too: kept tied"
-        return None
 
     def convert(self, site: Site, problem: str | None = None) -> StandIn | None:
         """The stand-in for ``site`` under the first rule that claims it, with its report row."""
@@ -291,49 +285,11 @@ class _Rewriter:
         return StandIn(original, new.train(site.module.training), row)
 
 
-def _shape_problem(site: Site, inputs: list[Tensor]) -> str | None:
-    """A ReLU or pool module called on inputs that one replacement cannot serve (another rank or width)."""
-    if site.kind == "dense":
-        return None
-    axis = site.channel_axis if site.kind == "relu" else -3
-    shapes = {(x.dim(), x.shape[axis] if x.dim() > max(axis, -axis - 1) else None) for x in inputs}
-    if len(shapes) > 1:
-        seen = sorted({tuple(x.shape) for x in inputs})
-        return f"called on inputs of different ranks or widths {seen}: one replacement cannot serve them all"
-    return None
-
-
-def _direct_reads(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """A module site whose parameters the graph also reads directly would be untied from them."""
-    prefix = f"{node.target}."
-    for other in gm.graph.nodes:
-        if other.op == "get_attr" and str(other.target).startswith(prefix) and other.users:
-            return f"its parameters are also read directly ({other.format_node()}): kept"
-    return None
-
-
-def _weight_read_problem(gm: fx.GraphModule, site: Site) -> str | None:
-    """F.linear's weight read for something else too (its transpose, another op) stays with the model."""
-    for arg in (*site.node.args[1:3], *site.node.kwargs.values()):
-        if isinstance(arg, fx.Node):
-            others = [u for u in arg.users if u is not site.node and u.target is not F.linear]
-            if others:
-                return f"its weight is also read by {others[0].format_node()}: kept"
-    return None
-
-
 def _keep_attributes(gm: fx.GraphModule, module: nn.Module) -> None:
     """The traced module's plain attributes (``eps``, ``config``, ...) stay readable on its GraphModule."""
     for name, value in vars(module).items():
         if not name.startswith("_") and name != "training" and not hasattr(gm, name):
             setattr(gm, name, value)
-
-
-def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    return names
 
 
 def _layer_error(site: Site, new: nn.Module) -> float | None:
