@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structfx.errors import StructfxError
+from structfx.nn.owned import owned
 
 
 def btt_factors(n: int) -> tuple[int, int, int]:
@@ -53,7 +54,7 @@ def btt(x: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None, out_features: in
     _, y = _cores(_padded_rows(x, w1), w1, w2)
     y = y.transpose(0, 1).reshape(y.shape[1], y.shape[0] * y.shape[2])[:, :out_features]
     y = y if bias is None else y + bias
-    return y.reshape(*x.shape[:-1], out_features)
+    return owned(y.reshape(*x.shape[:-1], out_features))
 
 
 @btt.register_fake

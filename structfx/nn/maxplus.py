@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from structfx.errors import StructfxError
+from structfx.nn.owned import owned
 
 #: Weight of the inactive entries in the "relu" init: far below any activation, yet finite so that
 #: sums and gradients stay finite (never -inf).
@@ -49,7 +50,7 @@ def sparse_maxplus(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None) -> Tenso
     """``y[..., j] = max(b[j], max_t x[..., idx[j, t]] + w[j, t])``; x (..., n_in), idx/w (n_out, k)."""
     rows = x.reshape(-1, x.shape[-1])
     y, _ = _forward_with_winner(rows, idx, w, b)
-    return y.reshape(*x.shape[:-1], idx.shape[0])
+    return owned(y.reshape(*x.shape[:-1], idx.shape[0]))
 
 
 @sparse_maxplus.register_fake
@@ -149,7 +150,7 @@ class SparseMaxPlus(nn.Module):
             raise StructfxError(
                 f"SparseMaxPlus expects inputs (..., {self.in_features}), got {tuple(x.shape)}"
             )
-        return torch.ops.structfx.sparse_maxplus(x, self.idx, self.weight, self.bias)
+        return in_layout_of(x, torch.ops.structfx.sparse_maxplus(x, self.idx, self.weight, self.bias))
 
     def reference(self, x: Tensor) -> Tensor:
         """The brute-force max over a dense -inf-filled weight (tests only)."""
@@ -160,6 +161,15 @@ class SparseMaxPlus(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
             f"bias={self.bias is not None}"
         )
+
+
+def in_layout_of(x: Tensor, y: Tensor) -> Tensor:
+    """``y`` laid out in memory as ``x`` is (as ``torch.relu(x)`` would be), when they have one shape: what
+    reads it next (a conv, a matmul) then takes the same path, and ``init="relu"`` stays exact bit for bit."""
+    if y.shape != x.shape or y.stride() == x.stride():
+        return y
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))  # x's dims, outermost in memory first
+    return y.permute(order).contiguous().permute([order.index(d) for d in range(x.dim())])
 
 
 def _check_sizes(in_features: int, out_features: int, k: int) -> None:
@@ -191,7 +201,8 @@ def _relu_init(n_in: int, n_out: int, k: int, bias: bool, generator: torch.Gener
 class ChannelMaxPlus(SparseMaxPlus):
     """SparseMaxPlus across the channels of a feature map (N, C, *spatial), at every position alike.
 
-    What replaces a ReLU on a conv feature map: with init="relu" it is exactly that ReLU.
+    What replaces a ReLU on a conv feature map: with init="relu" it is exactly that ReLU, down to the
+    output's memory format (contiguous in, contiguous out; channels-last in, channels-last out).
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -199,7 +210,7 @@ class ChannelMaxPlus(SparseMaxPlus):
             raise StructfxError(
                 f"ChannelMaxPlus expects (N, {self.in_features}, *spatial) inputs, got {tuple(x.shape)}"
             )
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+        return in_layout_of(x, super().forward(x.movedim(1, -1)).movedim(-1, 1))
 
     def reference(self, x: Tensor) -> Tensor:
         return super().reference(x.movedim(1, -1)).movedim(-1, 1)

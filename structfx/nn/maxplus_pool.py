@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from structfx.errors import StructfxError
+from structfx.nn.owned import owned
 
 
 def pooled_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
@@ -52,7 +53,7 @@ def maxplus_pool2d(
 ) -> Tensor:
     """Max-plus pooling of x (N, C, H, W) with structuring element se (C, kh, kw)."""
     y, _, _ = _window_max(x, se, stride, padding, dilation, ceil_mode)
-    return y
+    return owned(y)
 
 
 @maxplus_pool2d.register_fake

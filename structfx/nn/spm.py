@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structfx.errors import StructfxError
+from structfx.nn.owned import owned
 from structfx.nn.spm_pairing import Pairing, default_stages, spm_width, stage_permutations
 
 Variant = Literal["orthogonal", "general"]
@@ -99,7 +100,7 @@ def spm(
     h, _ = _run_stages(h0, coeffs, variant, _stages(d_in.shape[0], coeffs.shape[0], pairing, seed))
     y = (h * d_out)[:, :out_features]
     y = y if bias is None else y + bias
-    return y.reshape(*x.shape[:-1], out_features)
+    return owned(y.reshape(*x.shape[:-1], out_features))
 
 
 @spm.register_fake

@@ -24,8 +24,9 @@ POOL_FUNCTIONS = {
     F.max_pool2d: lambda kw: nn.MaxPool2d(
         kw["kernel_size"], kw["stride"], kw["padding"], kw["dilation"], kw["return_indices"], kw["ceil_mode"]
     ),
-    F.avg_pool2d: lambda kw: nn.AvgPool2d(
-        kw["kernel_size"], kw["stride"], kw["padding"], kw["ceil_mode"], kw["count_include_pad"], kw["divisor_override"]
+    F.avg_pool2d: lambda kw: nn.AvgPool2d(  # its schema spells "stride left out" as [] (None elsewhere)
+        kw["kernel_size"], kw["stride"] or None, kw["padding"], kw["ceil_mode"], kw["count_include_pad"],
+        kw["divisor_override"],
     ),
     F.adaptive_max_pool2d: lambda kw: nn.AdaptiveMaxPool2d(kw["output_size"], kw["return_indices"]),
     F.adaptive_avg_pool2d: lambda kw: nn.AdaptiveAvgPool2d(kw["output_size"]),
@@ -39,12 +40,13 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def module_kind(module: nn.Module) -> SiteKind | None:
-    if isinstance(module, nn.Linear) or is_conv1d(module):
+    """The kind of a plain layer: one whose class computes exactly what the torch layer does (a subclass
+    that overrides ``forward`` is not one, whatever it inherits)."""
+    if is_conv1d(module):
         return "dense"
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, POOLS):
-        return "pool"
+    for base, kind in ((nn.Linear, "dense"), (nn.ReLU, "relu"), *((pool, "pool") for pool in POOLS)):
+        if isinstance(module, base):
+            return kind if type(module).forward is base.forward else None
     return None
 
 
@@ -66,6 +68,7 @@ class Site:
     input_node: fx.Node | None = None
     inplace: bool = False
     input_shape: tuple[int, ...] | None = None
+    channel_axis: int | None = None  # for ReLUs: the dim a max-plus mixes (from the producer, see axes.py)
     samples: list[Tensor] = field(default_factory=list)  # recorded inputs: calibration, else example
 
     @property
@@ -74,16 +77,16 @@ class Site:
         if self.kind == "dense":
             weight, _ = dense_parameters(self.module)
             return min(weight.shape)
-        if self.input_shape is None:
+        if self.input_shape is None or len(self.input_shape) < 1:
             return None
-        return self.input_shape[channel_dim(self.kind, self.input_shape)]
+        if self.kind == "pool":
+            return self.input_shape[-3] if len(self.input_shape) >= 3 else None
+        axis = self.channel_axis if self.channel_axis is not None else default_channel_axis(self.input_shape)
+        return self.input_shape[axis]
 
 
-def channel_dim(kind: SiteKind, shape: tuple[int, ...]) -> int:
-    """ReLU on (N, C, H, W) mixes channels per position (dim 1); other ReLUs act on the last dim; pools on
-    (N, C, H, W) or (C, H, W) have channels third from last."""
-    if kind == "pool":
-        return len(shape) - 3
+def default_channel_axis(shape: tuple[int, ...]) -> int:
+    """Where nothing says better (axes.py): channels at dim 1 of a 4-D feature map, else last."""
     return 1 if len(shape) == 4 else len(shape) - 1
 
 
@@ -105,11 +108,11 @@ def site_from_node(gm: fx.GraphModule, node: fx.Node, prefix: str) -> Site | Non
     else:
         site = None
     if site is not None:
-        site.node, site.input_node = node, _first_input(node)
+        site.node, site.input_node = node, first_input(node)
     return site
 
 
-def _first_input(node: fx.Node) -> fx.Node | None:
+def first_input(node: fx.Node) -> fx.Node | None:
     value = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     return value if isinstance(value, fx.Node) else None
 

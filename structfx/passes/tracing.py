@@ -10,7 +10,7 @@ from torch.fx import _symbolic_trace
 
 from structfx.errors import StructfxError
 from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
-from structfx.passes.recording import evaluation_mode
+from structfx.passes.recording import evaluation_mode, preserved_state, snapshot
 from structfx.passes.sites import is_conv1d
 
 
@@ -107,12 +107,21 @@ def _none_guard(value: object, message: str) -> None:
 
 
 def _check_reproduces(module: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    """Both in eval mode, so that dropout in a model being trained does not make them differ."""
+    """Both in eval mode, so that dropout in a model being trained does not make them differ, each on its
+    own copy of the arguments (a forward may change them) and from the same parameters and buffers."""
     with torch.no_grad(), evaluation_mode(module), evaluation_mode(gm):
         try:
-            expected, got = module(*args, **kwargs), gm(*args, **kwargs)
+            with preserved_state(module):
+                expected = module(*snapshot(args), **snapshot(kwargs))
+                expected_buffers = {name: b.clone() for name, b in module.named_buffers()}
+            with preserved_state(module), preserved_state(gm):
+                got = gm(*snapshot(args), **snapshot(kwargs))
+                got_buffers = dict(module.named_buffers())
         except Exception as e:
             raise TraceFailure(f"the traced graph fails on the example call: {_first_line(e)}") from e
+    for name, value in expected_buffers.items():
+        if not torch.equal(got_buffers[name], value):
+            raise TraceFailure(f"the traced graph does not update buffer {name!r} as the module's forward does")
     expected_leaves, expected_spec = torch.utils._pytree.tree_flatten(expected)
     got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
     same = expected_spec == got_spec and all(

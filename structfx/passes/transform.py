@@ -2,7 +2,9 @@
 
 The whole model is traced when it can be. Where symbolic tracing fails (data-dependent control flow, the
 common case in transformers models), each child is traced on its own, recursively, and leaf layers that
-no trace reaches are swapped as modules; the report names every part that fell back and why.
+no trace reaches are swapped as modules (ReLU calls in such a forward made modules first: functional.py);
+the report names every part that fell back and why. Every rewritten region is proven to compute what it
+did, bit for bit, with stand-ins of the original layers (standin.py, proof.py), or left as it was.
 """
 
 from __future__ import annotations
@@ -16,22 +18,37 @@ import torch
 from torch import Tensor, fx, nn
 
 from structfx.errors import StructfxError
+from structfx.nn import InPlace
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
+from structfx.passes.axes import axis_of_module_output, channel_axis, resolved_axis
+from structfx.passes.functional import relu_calls_as_modules, restore
+from structfx.passes.keep import (
+    direct_reads,
+    owner_problem,
+    parameter_names,
+    shape_problem,
+    tie_problem,
+    weight_read_problem,
+)
 from structfx.passes.prefit import filter_keeps, prefit
+from structfx.passes.proof import disproof
 from structfx.passes.recording import (
     Call,
     SiteInputRecorder,
     capped,
     evaluation_mode,
-    fresh_copies,
+    preserved_state,
     record_calls,
+    replay,
+    snapshot,
 )
 from structfx.passes.registry import SkipSite, builder_for
 from structfx.passes.report import REPORT_ATTRIBUTE, Report, Row, output_errors
-from structfx.passes.rewrite import drop_unused_attributes, replace_node
+from structfx.passes.rewrite import drop_unused_attributes, replace_node, unique_attribute
 from structfx.passes.rules.base import Rule
 from structfx.passes.sites import Site, site_from_module, site_from_node
+from structfx.passes.standin import StandIn, materialize, stand_ins
 from structfx.passes.tracing import TraceFailure, bound_arguments, trace_call
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -74,21 +91,22 @@ def transform(
     with torch.random.fork_rng(devices=_cuda_devices(model)):  # the global RNG is left as it was
         result = copy.deepcopy(model)
         labels = ["example_inputs", *(f"calibration batch {i}" for i in range(len(batches) - 1))]
-        calls, reference_outputs = _run_model(record_calls, result, batches, labels, "the model")
-        rewriter = _Rewriter(rules, filter_fn, calls, use_calibration=len(batches) > 1)
-        try:
-            prefit(rules, result, calls, filter_fn, use_calibration=len(batches) > 1)
-            result = rewriter.rewrite(result, "")
-        except StructfxError:
-            raise
-        except Exception as e:  # a fault in the rewrite itself: still named, with where it happened
-            where = rewriter.rows[-1].name if rewriter.rows else "<model>"
-            raise StructfxError(
-                f"transform failed while rewriting (last layer visited: {where}): {type(e).__name__}: {e}; "
-                f"keep that part out with filter_fn and report the model to structfx"
-            ) from e
-        measured = batches[1:] or batches
-        with torch.no_grad(), evaluation_mode(result):
+        with preserved_state(result):
+            calls, reference_outputs = _run_model(record_calls, result, batches, labels, "the model")
+            rewriter = _Rewriter(rules, filter_fn, calls, len(batches) > 1, parameter_names(result))
+            try:
+                prefit(rules, result, calls, filter_fn, use_calibration=len(batches) > 1)
+                result = materialize(rewriter.rewrite(result, ""))
+            except StructfxError:
+                raise
+            except Exception as e:  # a fault in the rewrite itself: still named, with where it happened
+                where = rewriter.rows[-1].name if rewriter.rows else "<model>"
+                raise StructfxError(
+                    f"transform failed while rewriting (last layer visited: {where}): {type(e).__name__}: {e}; "
+                    f"keep that part out with filter_fn and report the model to structfx"
+                ) from e
+        measured = [snapshot(batch) for batch in batches[1:] or batches]
+        with torch.no_grad(), evaluation_mode(result), preserved_state(result):
             outputs, _ = _run_model(_outputs, result, measured, labels[1:] or labels, "the transformed model")
     setattr(result, REPORT_ATTRIBUTE, Report(
         rewriter.rows, output_errors(outputs, reference_outputs[1:] or reference_outputs),
@@ -146,66 +164,172 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 @dataclass
 class _Rewriter:
+    """Rewrites region by region, each new layer entering as a StandIn (standin.py) so that every region
+    is proven to compute what it computed before (proof.py), or left as it was."""
+
     rules: list[Rule]
     filter_fn: FilterFn | None
     calls: dict[nn.Module, list[Call]]
     use_calibration: bool
+    parameter_names: dict[int, list[str]]  # id(parameter) -> every name it has in the model (tied: several)
     rows: list[Row] = field(default_factory=list)
+    decisions: dict[object, StandIn | None] = field(default_factory=dict)  # a module, a weight or a node
+    undo: list[Callable[[], None]] = field(default_factory=list)  # how to take back each change, in order
 
     def rewrite(self, module: nn.Module, prefix: str) -> nn.Module:
-        """The module with its candidates replaced: a GraphModule where it traces, else itself with its
-        children rewritten one by one."""
+        """The module with its candidates replaced: a GraphModule where it traces and something changed,
+        else the very same object with its children rewritten one by one."""
         site = site_from_module(prefix.rstrip("."), module)
         if site is not None:
-            calls = self.calls.get(module, [])
-            if calls:
-                site.input_shape = tuple(calls[0].args[0].shape) if calls[0].args else None
-                site.samples = capped([c.args[0] for c in self._sample_calls(calls) if c.args])
-            new = self.convert(site)
-            return module if new is None else new.train(module.training)
+            stand_in = self.module_stand_in(site)
+            if stand_in is None:
+                return module
+            return InPlace(stand_in) if site.inplace else stand_in
         calls = self.calls.get(module)
         if not calls:
             return self._rewrite_children(module, prefix)
         try:
-            gm = trace_call(module, calls[0].args, calls[0].kwargs)
+            gm = trace_call(module, *calls[0].fresh())
         except TraceFailure as failure:
-            self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
-            return self._rewrite_children(module, prefix)
-        self._rewrite_graph(gm, prefix, module, calls)
+            return self._fall_back(module, prefix, calls, failure)
+        if not self._rewrite_graph(gm, prefix, module, calls):
+            return module
+        why = disproof(gm, calls)
+        if why is not None:
+            for stand_in in stand_ins(gm):
+                stand_in.revoke(why)
+            return module
+        _keep_attributes(gm, module)
         gm.training = module.training  # a new GraphModule starts in training mode; its parts keep theirs
         return gm
 
+    def _fall_back(self, module: nn.Module, prefix: str, calls: list[Call], failure: TraceFailure) -> nn.Module:
+        """Children rewritten one by one (ReLU calls in the forward made children first); the module, run
+        with them, must still reproduce its calls, or it is left as it was."""
+        mark = len(self.undo)
+        relus = self._relu_calls_as_modules(module, calls)
+        self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
+        self._rewrite_children(module, prefix)
+        if relus and all(type(getattr(module, name)) is nn.ReLU for name in relus):
+            self.undo.pop(mark)()  # none of them replaced: the forward goes back to the class's own
+        why = disproof(module, calls) if len(self.undo) > mark else None
+        if why is not None:
+            for stand_in in stand_ins(module):
+                stand_in.revoke(why)
+            while len(self.undo) > mark:
+                self.undo.pop()()
+        return module
+
+    def _relu_calls_as_modules(self, module: nn.Module, calls: list[Call]) -> list[str]:
+        """Makes the ReLU calls in the module's forward child modules (functional.py), with their calls."""
+        if not any(rule.kind == "relu" for rule in self.rules):
+            return []
+        names = relu_calls_as_modules(module)
+        if names is None:
+            return []
+        try:
+            recorded, _ = replay(module, [(c.batch, c.args, c.kwargs) for c in calls])
+        except Exception:  # noqa: BLE001 - the rewritten forward fails: keep the original forward
+            restore(module, names)
+            return []
+        self.undo.append(lambda: restore(module, names))
+        for name in names:
+            self.calls[getattr(module, name)] = recorded.get(getattr(module, name), [])
+        return names
+
     def _rewrite_children(self, module: nn.Module, prefix: str) -> nn.Module:
         for name, child in list(module.named_children()):
-            setattr(module, name, self.rewrite(child, f"{prefix}{name}."))
+            new = self.rewrite(child, f"{prefix}{name}.")
+            if new is not child:
+                self.undo.append(lambda module=module, name=name, child=child: setattr(module, name, child))
+                setattr(module, name, new)
         return module
 
     def _sample_calls(self, calls: list[Call]) -> list[Call]:
         return [c for c in calls if (c.batch > 0) == self.use_calibration]
 
-    def _rewrite_graph(self, gm: fx.GraphModule, prefix: str, module: nn.Module, calls: list[Call]) -> None:
-        sites = [site for node in gm.graph.nodes if (site := site_from_node(gm, node, prefix))]
-        recorder = SiteInputRecorder(gm, {s.node: s.input_node for s in sites if s.input_node is not None})
-        for call in self._sample_calls(calls) or calls[:1]:
-            recorder.propagate(*fresh_copies(list(bound_arguments(module, call.args, call.kwargs).values())))
-        _name_repeated_calls(sites)
-        sites = [s for s in sites if s.input_node is not None]
+    def _rewrite_graph(self, gm: fx.GraphModule, prefix: str, module: nn.Module, calls: list[Call]) -> bool:
+        """Puts a stand-in at every site of ``gm``; False when nothing was put in."""
+        sites = [site for node in list(gm.graph.nodes) if (site := site_from_node(gm, node, prefix))]
+        sites = [site for site in sites if site.input_node is not None]
+        if not sites:
+            return False
+        recorder = SiteInputRecorder(gm, {s.node: s.input_node for s in sites if s.node.op != "call_module"})
+        with torch.no_grad(), evaluation_mode(gm), preserved_state(gm):
+            for call in self._sample_calls(calls) or calls[:1]:
+                args, kwargs = call.fresh()
+                recorder.propagate(*bound_arguments(module, args, kwargs).values())
+        attributes: dict[StandIn, str] = {}
         for site in sites:
             meta = site.input_node.meta.get("tensor_meta")
-            site.input_shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-            site.samples = recorder.samples.get(site.node, [])
-        replaced: dict[fx.Node, fx.Node] = {}
-        for site in sites:
-            new = self.convert(site)
-            if new is not None:
-                site.input_node = replaced.get(site.input_node, site.input_node)
-                replaced[site.node] = replace_node(gm, site, new.train(module.training))
+            site.input_shape = tuple(meta.shape) if hasattr(meta, "shape") else None
+            if site.kind == "relu" and site.input_shape:
+                site.channel_axis = channel_axis(gm, site.input_node, len(site.input_shape))
+            if site.node.op == "call_module":
+                stand_in = self.module_stand_in(site, direct_reads(gm, site.node))
+            else:
+                site.samples = recorder.samples.get(site.node, [])
+                stand_in = self.functional_stand_in(gm, module, site)
+            if stand_in is None:
+                continue
+            if site.node.op == "call_module":  # the module's own name: small.fc is fc's replacement
+                attribute = str(site.node.target)
+            else:
+                attribute = attributes.get(stand_in) or unique_attribute(gm, site.name)
+            attributes[stand_in] = attribute
+            gm.add_submodule(attribute, stand_in)
+            replace_node(gm, site, attribute)
+        if not attributes:
+            return False
         drop_unused_attributes(gm)
         gm.graph.lint()
         gm.recompile()
+        return True
 
-    def convert(self, site: Site) -> nn.Module | None:
-        """The replacement for ``site`` under the first rule that claims it, with its report row."""
+    def module_stand_in(self, site: Site, problem: str | None = None) -> StandIn | None:
+        """One decision per module, from all of its recorded calls: every call site shares the result."""
+        if site.module in self.decisions:
+            return self.decisions[site.module]
+        calls = self.calls.get(site.module, [])
+        inputs = [c.args[0] for c in calls if c.args and isinstance(c.args[0], Tensor)]
+        if not calls:
+            problem = "never called as a module (its parent uses it some other way, e.g. reads its weight)"
+        elif len(inputs) < len(calls):
+            problem = "called without a tensor as its first argument"
+        else:
+            site.input_shape = tuple(inputs[0].shape)
+            if site.kind == "relu":
+                found = site.channel_axis
+                if found is None:
+                    found = axis_of_module_output(calls[0].producer, len(site.input_shape))
+                site.channel_axis = resolved_axis(found, site.input_shape)
+            problem = problem or shape_problem(site, inputs) or tie_problem(self.parameter_names, site.module)
+        site.samples = capped([c.args[0] for c in self._sample_calls(calls) if c.args])
+        stand_in = self.convert(site, problem)
+        self.decisions[site.module] = stand_in
+        return stand_in
+
+    def functional_stand_in(self, gm: fx.GraphModule, region: nn.Module, site: Site) -> StandIn | None:
+        """F.linear sites reading the same weight share one replacement; other functional sites are one each."""
+        problem = None
+        if site.kind == "dense":
+            key = site.module.weight
+            problem = (
+                weight_read_problem(site) or tie_problem(self.parameter_names, site.module)
+                or owner_problem(region, site, self.calls)
+            )
+        else:
+            key = site.node
+            if site.kind == "relu" and site.input_shape:
+                site.channel_axis = resolved_axis(site.channel_axis, site.input_shape)
+        if key in self.decisions:
+            return self.decisions[key]
+        stand_in = self.convert(site, problem)
+        self.decisions[key] = stand_in
+        return stand_in
+
+    def convert(self, site: Site, problem: str | None = None) -> StandIn | None:
+        """The stand-in for ``site`` under the first rule that claims it, with its report row."""
         rule = next((r for r in self.rules if r.kind == site.kind), None)
         if rule is None:
             return None
@@ -215,6 +339,9 @@ class _Rewriter:
         self.rows.append(row)
         if self.filter_fn is not None and not filter_keeps(self.filter_fn, site):
             row.reason = "filter_fn"
+            return None
+        if problem is not None:
+            row.reason = problem
             return None
         if site.features is None:
             row.reason = "never called with the example inputs: its size is unknown"
@@ -238,16 +365,15 @@ class _Rewriter:
         row.status, row.params_new, row.ops_new = "replaced", cost.parameter_count(new), cost.ops_per_row(new)
         row.padding = cost.padding_note(new)
         row.error = _layer_error(site, new)
-        return new
+        original = nn.ReLU() if isinstance(site.module, nn.ReLU) else site.module  # out of place, as sites are
+        return StandIn(original, new.train(site.module.training), row)
 
 
-def _name_repeated_calls(sites: list[Site]) -> None:
-    """A module called at several places gets one row per call: ``name``, ``name:2``, ..."""
-    seen: dict[str, int] = {}
-    for site in sites:
-        seen[site.name] = seen.get(site.name, 0) + 1
-        if seen[site.name] > 1:
-            site.name = f"{site.name}:{seen[site.name]}"
+def _keep_attributes(gm: fx.GraphModule, module: nn.Module) -> None:
+    """The traced module's plain attributes (``eps``, ``config``, ...) stay readable on its GraphModule."""
+    for name, value in vars(module).items():
+        if not name.startswith("_") and name != "training" and not hasattr(gm, name):
+            setattr(gm, name, value)
 
 
 def _layer_error(site: Site, new: nn.Module) -> float | None:

@@ -23,12 +23,16 @@ def _dense_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
 
 
-@pytest.mark.parametrize("build, output", [(tiny_bert, "last_hidden_state"), (tiny_gpt2, "logits")])
-def test_transformers_language_models_function_preserving(build, output):
+@pytest.mark.parametrize(
+    "build, output, kept", [(tiny_bert, "last_hidden_state", []), (tiny_gpt2, "logits", ["lm_head"])]
+)
+def test_transformers_language_models_function_preserving(build, output, kept):
     model, inputs = build()
     before = _state(model)
     small = sfx.transform(model, EXACT_RULES, example_inputs=inputs)
-    assert _dense_layers(small) == []
+    assert _dense_layers(small) == kept  # GPT-2's lm_head is tied to the token embedding: kept, and said so
+    rows = {row.name: row for row in sfx.report(small).rows}
+    assert all("tied" in rows[name].reason for name in kept)
     relus = [m for m in small.modules() if isinstance(m, nn.ReLU)]
     assert relus == [] and any(isinstance(m, SparseMaxPlus) for m in small.modules())
     assert _relative(getattr(small(*inputs), output), getattr(model(*inputs), output)) < 1e-4
@@ -41,14 +45,14 @@ def test_transformers_language_models_function_preserving(build, output):
 def test_transformers_resnet_relus_and_pools():
     model, inputs = tiny_resnet()
     small = sfx.transform(model, [sfx.MaxPlus(min_features=1), sfx.MaxPlusPool(min_features=1)], example_inputs=inputs)
-    assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d)) for m in small.modules())
+    assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in small.modules())
     assert any(isinstance(m, ChannelMaxPlus) for m in small.modules())
-    # everything but the final average pool is exact; its max-plus stand-in is reported, not hidden
-    rows = {row.name: row for row in sfx.report(small).replaced}
-    assert rows["pooler"].error > 0.01
-    assert all(row.error < 1e-6 for name, row in rows.items() if name != "pooler")
-    hidden = small(*inputs).last_hidden_state
-    torch.testing.assert_close(hidden, model(*inputs).last_hidden_state, rtol=1e-4, atol=1e-5)
+    # the adaptive average pool has no fixed-window equivalent at every input size: kept, and said so
+    assert isinstance(small.pooler, nn.AdaptiveAvgPool2d)
+    assert "adaptive pool" in {row.name: row for row in sfx.report(small).rows}["pooler"].reason
+    assert all(row.error < 1e-6 for row in sfx.report(small).replaced)
+    for got, want in zip(small(*inputs).values(), model(*inputs).values()):
+        assert torch.equal(got, want)  # init="relu" and se = 0 are exact, bit for bit
 
 
 def test_data_dependent_model_falls_back_and_rewrites_traceable_parts():
@@ -87,7 +91,7 @@ def test_cnn_functional_pools_and_feature_map_relus():
     assert isinstance(small, torch.fx.GraphModule)
     kinds = [type(m) for m in small.modules()]
     assert kinds.count(MaxPlusPool2d) == 3 and kinds.count(ChannelMaxPlus) == 2
-    torch.testing.assert_close(small(x), model(x))
+    assert torch.equal(small(x), model(x))
 
 
 def test_filter_fn_min_features_and_rule_order():

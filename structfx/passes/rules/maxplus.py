@@ -32,14 +32,19 @@ class MaxPlus(Rule):
 
 @register_rule(MaxPlus)
 def relu_to_maxplus(rule: MaxPlus, site: Site) -> nn.Module:
-    """A ReLU on (N, C, H, W) becomes a channel-mixing max-plus at every position; on (..., C) it mixes C."""
-    if site.input_shape is None or len(site.input_shape) < 2 or len(site.input_shape) > 4:
-        raise SkipSite(f"input shape {site.input_shape} is not (N, C), (N, T, C) or (N, C, H, W)")
+    """A ReLU mixes its input's channel axis (``site.channel_axis``, from the producer): dim 1 of a feature
+    map (N, C, *spatial) becomes a ChannelMaxPlus, the last dim a SparseMaxPlus."""
+    shape, axis = site.input_shape, site.channel_axis
+    if shape is None or len(shape) < 2:
+        raise SkipSite(f"input shape {shape} has no channel axis beside the batch")
+    axis = len(shape) - 1 if axis is None else axis
+    if axis not in (1, len(shape) - 1):
+        raise SkipSite(f"channels at dim {axis} of {tuple(shape)}: neither dim 1 nor the last")
     features = site.features
     if rule.k > features:
         raise StructfxError(
             f"MaxPlus(k={rule.k}) exceeds the in_features={features} of {site.name}: choose k <= {features} "
             f"or keep small layers out with min_features / filter_fn"
         )
-    layer_type = ChannelMaxPlus if len(site.input_shape) == 4 else SparseMaxPlus
+    layer_type = SparseMaxPlus if axis == len(shape) - 1 else ChannelMaxPlus
     return placed(layer_type(features, features, rule.k, init=rule.init, generator=rule.generator(site)), site)

@@ -18,13 +18,17 @@ from structfx.passes.sites import Site
 @dataclass(frozen=True)
 class MaxPlusPool(Rule):
     """Max-plus pooling with the pool's geometry and se = 0: exact for max pooling, approximate for
-    average pooling (the report gives the error). Global pools get a per-position structuring element."""
+    average pooling (the report gives the error). Adaptive pools are left alone: their window depends on
+    the input size, and no fixed window equals them at every size they accept."""
 
     kind: ClassVar = "pool"
 
 
 @register_rule(MaxPlusPool)
 def pool_to_maxplus(rule: MaxPlusPool, site: Site) -> nn.Module:
+    if isinstance(site.module, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):
+        raise SkipSite("adaptive pool: its window depends on the input size, so no fixed max-plus window "
+                       "computes it at every size")
     if site.input_shape is None or len(site.input_shape) not in (3, 4):
         raise SkipSite(f"input shape {site.input_shape} is not (N, C, H, W) or (C, H, W)")
     try:
