@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Schedule, Target, derived_object, meta_schedule, tar, tirx, tvm
-from structfx.lowering.schedules import legalize
 from structfx.lowering.target import resolve_target
 from structfx.lowering.tuning.database import Record, TuningDatabase, plain_json, workload_hash
 from structfx.lowering.tuning.tasks import Task, extract_tasks, hand_schedule, workload_of
@@ -44,7 +43,7 @@ def tune(
     measurements each, the hand schedule's included; runs again continue from what ``database`` holds.
     ``rpc="host:port"`` with ``key`` measures on the RPC servers registered under that key at that TVM
     tracker, building locally."""
-    from structfx.lowering.build import lower_to_relax
+    from structfx.lowering.build import legalize_module, lower_to_relax
     from structfx.lowering.export import export_for_compile
 
     if trials < 1:
@@ -57,7 +56,7 @@ def tune(
     builder = InProcessBuilder()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}")]
     with Progress(*columns, disable=not progress) as bar:
-        for task in extract_tasks(legalize(mod, tvm_target), tvm_target):
+        for task in extract_tasks(legalize_module(mod, tvm_target), tvm_target):
             _tune_task(task, tvm_target, trials, db, builder, runner, database, bar)
     return Path(database)
 
