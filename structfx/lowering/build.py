@@ -56,12 +56,7 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     tvm_target = resolve_target(target)
     program = export_for_compile(model, args)
     mod, params = lower_to_relax(program, tvm_target)
-    mod = legalize_module(mod, tvm_target)
-    if database is not None:
-        from structfx.lowering.tuning import apply_database
-
-        mod = apply_database(mod, tvm_target, database)
-    mod = schedule_module(mod, tvm_target)
+    mod = schedule_module(legalize_module(mod, tvm_target), tvm_target, database)
     kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint.startswith("structfx_"))
     try:
         executable = tvm.compile(mod, target=tvm_target)
@@ -109,8 +104,13 @@ def legalize_module(mod, target):
         ) from e
 
 
-def schedule_module(mod, target):
+def schedule_module(mod, target, database=None):
+    """Each kernel scheduled: by its best record in ``database`` where it has one, else by the rules."""
     try:
+        if database is not None:
+            from structfx.lowering.tuning import apply_database
+
+            mod = apply_database(mod, target, database)
         return apply_schedules(mod, target)
     except FAILURES as e:
         raise StructfxError(

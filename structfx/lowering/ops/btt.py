@@ -72,7 +72,8 @@ def convert_btt(node, importer, target: Target):
         if out_features < n0 * n1:
             bias = bb.emit(relax.op.nn.pad(bias, [0, n0 * n1 - out_features]))
         bias = bb.emit(relax.op.reshape(bias, [n0, n1]))
-    y = bb.emit_te(btt_te, x3, w1, w2, bias, primfunc_name_hint="structfx_btt")
+    tile = ROW_TILE if target.kind.name == "llvm" else GPU_ROWS
+    y = bb.emit_te(btt_te, x3, w1, w2, bias, tile, primfunc_name_hint="structfx_btt")
     y = bb.emit(relax.op.reshape(y, [batch, n0 * n1]))
     if out_features < n0 * n1:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[out_features]))
@@ -141,9 +142,10 @@ def _register_tile(sch: Schedule, block, rows_loop, row_loop, column_loop, reduc
 
 class BTTCUDA(OpRule):
     """Both contractions as thread-block tiles: a block owns GPU_ROWS rows and one input block (stage
-    1) or output block (stage 2); its threads own output columns. The operand all threads of a block
-    read (the rows' input block, or their stage-1 slice) is staged once in shared memory; each thread
-    accumulates its GPU_ROWS outputs in registers."""
+    1) or output block (stage 2); its threads own output columns. Stage 2's shared operand (the rows'
+    stage-1 slice) is staged once in shared memory; each thread accumulates its GPU_ROWS outputs in
+    registers. (Stage 1 reads its input rows, clamped to the batch, from global memory: a shared copy
+    of a clamped region has no constant size.)"""
 
     target_kind = "cuda"
 
@@ -152,10 +154,9 @@ class BTTCUDA(OpRule):
         if None in (stage1, stage2, out):
             return False
         b, c, i1, i0 = sch.get_loops(stage1)
-        blocks, threads = _thread_tile(sch, b, i1, c)
+        _, threads = _thread_tile(sch, b, i1, c)
         sch.reorder(threads, i0)
         sch.reverse_compute_at(sch.cache_write(stage1, 0, "local"), threads)
-        _stage_in_shared(sch, stage1, blocks)
 
         b, j0, j1 = sch.get_loops(out)
         blocks, threads = _thread_tile(sch, b, j0, j1)
