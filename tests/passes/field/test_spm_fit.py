@@ -98,6 +98,8 @@ def test_transform_fits_the_module_layers_together(monkeypatch):
     monkeypatch.setattr("structfx.passes.rules.spm.fit_many", lambda jobs, *a, **k: groups.append(len(jobs))
                         or fit_many(jobs, *a, **k))
     model = torch.nn.Sequential(MLP(), MLP())
+    threads = torch.get_num_threads()
     result = transformed(model, sfx.SPM(fit_steps=20, progress=False), (torch.randn(8, 64),))
+    assert torch.get_num_threads() == threads  # small fits run on one thread, then the count comes back
     assert groups == [4]
     assert len(sfx.report(result).replaced) == 4
