@@ -95,8 +95,8 @@ class Report:
         total_new = sum(r.params_new for r in self.replaced)
         lines.append("")
         lines.append(
-            f"{len(self.replaced)} replaced, {len(self.skipped)} skipped, {len(self.fell_back)} parts fell back; "
-            f"parameters of replaced layers {total_old:,} -> {total_new:,}"
+            f"{len(self.replaced)} replaced, {len(self.skipped)} skipped, {len(self.fell_back)} fell back "
+            f"(not traced); parameters of replaced layers {total_old:,} -> {total_new:,}"
         )
         errors = ", ".join(
             f"{name} {'not measured (no elements)' if error is None else f'{error:.2e}'}"

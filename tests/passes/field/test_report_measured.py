@@ -44,7 +44,8 @@ def test_parts_that_fell_back_are_not_counted_as_skipped_layers():
     assert [row.name for row in report.fell_back] == ["<model>"]
     assert all(row.status == "skipped" for row in report.skipped)
     summary = report.to_markdown().splitlines()[-2]
-    assert summary.startswith(f"{len(report.replaced)} replaced, {len(report.skipped)} skipped, 1 parts fell back")
+    counts = f"{len(report.replaced)} replaced, {len(report.skipped)} skipped, 1 fell back (not traced)"
+    assert summary.startswith(counts)
     assert report.to_dict()["fell_back"] == 1
 
 

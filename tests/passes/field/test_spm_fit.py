@@ -77,17 +77,17 @@ def test_a_tiny_t5_converts_every_wide_dense_layer():
 
 @pytest.mark.parametrize("variant, pairing", [("orthogonal", "butterfly"), ("general", "random")])
 def test_fitting_layers_together_is_fitting_each_alone(variant, pairing):
-    weights = [torch.randn(24, 40, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    rows = [torch.randn(50, 40, generator=torch.Generator().manual_seed(10 + i)) * (i + 1) for i in range(3)]
+    weights = [torch.randn(12, 20, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    rows = [torch.randn(30, 20, generator=torch.Generator().manual_seed(10 + i)) * (i + 1) for i in range(3)]
 
     def layer(i):
-        return SPMLinear(40, 24, variant, pairing=pairing, generator=torch.Generator().manual_seed(i))
+        return SPMLinear(20, 12, variant, pairing=pairing, generator=torch.Generator().manual_seed(i))
 
     alone = [layer(i) for i in range(3)]
-    errors = [fit_to_dense(alone[i], weights[i], None, rows[i], 30, 0.1, torch.Generator(), False) for i in range(3)]
+    errors = [fit_to_dense(alone[i], weights[i], None, rows[i], 20, 0.1, torch.Generator(), False) for i in range(3)]
     together = [layer(i) for i in range(3)]
     jobs = [fitting.FitJob(together[i], weights[i], None, rows[i], torch.Generator()) for i in range(3)]
-    assert fitting.fit_many(jobs, 30, 0.1, False) == pytest.approx(errors, rel=1e-5)
+    assert fitting.fit_many(jobs, 20, 0.1, False) == pytest.approx(errors, rel=1e-5)
     for a, b in zip(alone, together):
         assert torch.allclose(a.to_dense(), b.to_dense(), atol=1e-5)
 
@@ -98,6 +98,8 @@ def test_transform_fits_the_module_layers_together(monkeypatch):
     monkeypatch.setattr("structfx.passes.rules.spm.fit_many", lambda jobs, *a, **k: groups.append(len(jobs))
                         or fit_many(jobs, *a, **k))
     model = torch.nn.Sequential(MLP(), MLP())
+    threads = torch.get_num_threads()
     result = transformed(model, sfx.SPM(fit_steps=20, progress=False), (torch.randn(8, 64),))
+    assert torch.get_num_threads() == threads  # small fits run on one thread, then the count comes back
     assert groups == [4]
     assert len(sfx.report(result).replaced) == 4
