@@ -177,7 +177,7 @@ def _failing_relax_op(mod, target) -> str:
     if not current:
         return "the module"
     call = current[-1]
-    args = ", ".join(str(a.struct_info) for a in call.args if isinstance(a, relax.Expr))
+    args = ", ".join(str(a.ty) for a in call.args if isinstance(a, relax.Expr))
     return f"Relax op {call.op.name}({args})"
 
 

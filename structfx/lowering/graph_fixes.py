@@ -15,13 +15,26 @@
   non-negative from the rank of the tensor they index: TVM's converters pass some through unnormalised
   when a dimension is symbolic, and legalization then fails (``Check failed: axis < src_tensor_dim
   (-1 vs. 2)`` from ``torch.diff``/``narrow`` in Llama's causal mask).
+- Negative indices of ``aten.select``/``aten.select_scatter`` (``x[:, -1]``, ``x[-1]``) are counted from
+  the end of their dimension: TVM's converter emits ``take`` in its fast mode, which reads out of bounds
+  for a negative index (silently wrong values). A static size is added to the index; on a symbolic dim a
+  ``select`` becomes a ``slice`` of one element and a ``squeeze`` (TVM's slice counts negative starts from
+  the end, also of a symbolic dim).
+- ``aten.slice_scatter`` over a whole dimension (what ``h[:, :4] = 0`` leaves on the batch dim) is its
+  source: TVM's legalization of it needs constant bounds, and the batch is symbolic.
+- ``aten.cumsum``/``aten.cumprod`` of a bool or integer tensor compute in int64 as torch does (their input
+  is cast first): TVM keeps the input's dtype and its build rejects a bool scan
+  (``Check failed: (t.MatchesCode(DLDataTypeCode::kDLFloat))``, the causal masks of GPT-2, Llama...).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
+
+from structfx.errors import StructfxError
 
 aten = torch.ops.aten
 
@@ -40,6 +53,9 @@ def prepare_for_import(program: torch.export.ExportedProgram) -> torch.export.Ex
     static_placeholders(program.graph_module)
     concat_without_empty(program.graph_module)
     normalize_dims(program.graph_module)
+    normalize_indices(program.graph_module)
+    whole_slice_scatters(program.graph_module)
+    scans_in_result_dtype(program.graph_module)
     return program
 
 
@@ -159,3 +175,90 @@ def _non_negative(value, rank: int):
         fixed = [v + rank if v < 0 else v for v in value]
         return type(value)(fixed), sum(v < 0 for v in value)
     return value, 0
+
+
+def normalize_indices(gm: torch.fx.GraphModule) -> int:
+    """Count every negative index of ``aten.select``/``aten.select_scatter`` from the end of its
+    dimension, in place; returns how many nodes changed. Raises StructfxError for a ``select_scatter``
+    at a negative index of a symbolic dimension (no TVM form of it counts from the end)."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.select.int, aten.select_scatter.default):
+            continue
+        scatter = node.target is aten.select_scatter.default
+        source, dim, index = (node.args[0], node.args[2], node.args[3]) if scatter else node.args[:3]
+        if not isinstance(index, int) or index >= 0:
+            continue
+        size = _constant(source.meta["val"].shape[dim])
+        if size is not None:
+            node.args = (*node.args[:-1], index + size)
+        elif scatter:
+            raise StructfxError(
+                f"[import] {node.format_node()} assigns at index {index} of dim {dim}, whose size varies with the "
+                f"batch: compile cannot count it from the end; index it from the start, or assign with torch.where"
+            )
+        else:
+            _select_as_slice(gm, node, source, dim, index)
+        changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _select_as_slice(gm: torch.fx.GraphModule, node: torch.fx.Node, source, dim: int, index: int) -> None:
+    """Replace ``select(source, dim, index)`` by ``squeeze(slice(source, dim, index, index + 1), dim)``."""
+    end = index + 1 if index < -1 else sys.maxsize
+    with gm.graph.inserting_before(node):
+        sliced = gm.graph.call_function(aten.slice.Tensor, (source, dim, index, end))
+        sliced.meta = {**node.meta, "val": aten.slice.Tensor(source.meta["val"], dim, index, end)}
+        squeezed = gm.graph.call_function(aten.squeeze.dims, (sliced, [dim]))
+        squeezed.meta = dict(node.meta)
+    node.replace_all_uses_with(squeezed)
+    gm.graph.erase_node(node)
+
+
+def whole_slice_scatters(gm: torch.fx.GraphModule) -> int:
+    """Replace every ``aten.slice_scatter`` that writes a whole dimension (start 0, step 1, end at or
+    past its size) by the tensor it writes, in place; returns how many."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.slice_scatter.default:
+            continue
+        names = [a.name for a in node.target._schema.arguments]
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        source, written = bound["self"], bound["src"]
+        dim, start, end, step = (bound.get(k, d) for k, d in (("dim", 0), ("start", None), ("end", None), ("step", 1)))
+        size = source.meta["val"].shape[dim]
+        whole_end = end is None or end == sys.maxsize or (isinstance(end, int) and _constant(size) is not None
+                                                          and end >= _constant(size))
+        if start in (None, 0) and step == 1 and whole_end and written.meta["val"].shape == source.meta["val"].shape:
+            node.replace_all_uses_with(written)
+            gm.graph.erase_node(node)
+            replaced += 1
+    if replaced:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return replaced
+
+
+def scans_in_result_dtype(gm: torch.fx.GraphModule) -> int:
+    """Cast the input of every ``aten.cumsum``/``aten.cumprod`` whose result has another dtype (torch
+    scans bool and integer tensors in int64) to the result's dtype, in place; returns how many."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.cumsum.default, aten.cumprod.default):
+            continue
+        source, out = node.args[0], node.meta.get("val")
+        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        if not isinstance(value, torch.Tensor) or not isinstance(out, torch.Tensor) or value.dtype == out.dtype:
+            continue
+        with gm.graph.inserting_before(node):
+            cast = gm.graph.call_function(aten._to_copy.default, (source,), {"dtype": out.dtype})
+            cast.meta = {**source.meta, "val": value.to(out.dtype)}
+        node.args = (cast, *node.args[1:])
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dtype"}
+        changed += 1
+    if changed:
+        gm.recompile()
+    return changed
