@@ -5,6 +5,11 @@
   shapes downstream become unknown (then our converters, and broadcasting, have no shape to work
   with). Where torch's own output size is exactly ``end - start`` (it proved the slice in bounds), the
   slice is emitted with ``assume_inbound=True``, so its extent is ``end - start``.
+- Matrix products (``aten.mm``, ``bmm``, ``matmul``, ``addmm``, ``linear``): TVM's converters fix their
+  result to float32, so a float64 (or float16) model fails at import (``R.add(p_0_bias, lv1) uses
+  datatype T.float64 on the LHS ... T.float32 on the RHS``). They are emitted in the dtype torch computes
+  them in (the node's own result dtype). TVM's convolutions and ``baddbmm`` also compute in float32 only:
+  in another dtype they are refused with a StructfxError naming the op and the fix.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import sympy
 import torch
 
+from structfx.errors import StructfxError
 from structfx.lowering.compat import relax, tvm
 
 INT64_MAX = 2**63 - 1
@@ -58,4 +64,63 @@ def _expr(value):
     return None
 
 
-CONVERTERS = {"slice.Tensor": convert_slice}
+def _result_dtype(node: torch.fx.Node) -> str:
+    return str(node.meta["val"].dtype).removeprefix("torch.")
+
+
+def convert_matmul(node: torch.fx.Node, importer) -> relax.Var:
+    """``mm``/``bmm``/``matmul``(a, b) in the result's dtype."""
+    a, b = (importer.env[v] for v in node.args[:2])
+    return importer.block_builder.emit(relax.op.linear_algebra.matmul(a, b, out_dtype=_result_dtype(node)))
+
+
+def convert_addmm(node: torch.fx.Node, importer) -> relax.Var:
+    """``addmm(bias, a, b, beta=, alpha=)`` = beta * bias + alpha * (a @ b), in the result's dtype."""
+    bias, a, b = (importer.env[v] for v in node.args[:3])
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    dtype, emit = _result_dtype(node), importer.block_builder.emit
+    product = emit(relax.op.linear_algebra.matmul(a, b, out_dtype=dtype))
+    if alpha != 1:
+        product = emit(relax.op.multiply(product, relax.const(alpha, dtype)))
+    if beta == 0:
+        return product
+    if beta != 1:
+        bias = emit(relax.op.multiply(bias, relax.const(beta, dtype)))
+    return emit(relax.op.add(bias, product))
+
+
+def convert_linear(node: torch.fx.Node, importer) -> relax.Var:
+    """``linear(x, weight, bias=None)`` in the result's dtype."""
+    x, weight = (importer.env[v] for v in node.args[:2])
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias = importer.env[bias] if bias is not None else None
+    return importer.block_builder.emit(relax.op.linear(x, weight, bias, _result_dtype(node)))
+
+
+def float32_only(name: str):
+    """TVM's converter of ``name`` where the node computes in float32, a StructfxError otherwise."""
+
+    def convert(node: torch.fx.Node, importer) -> relax.Var:
+        dtype = _result_dtype(node)
+        if dtype != "float32":
+            raise StructfxError(
+                f"[import] {node.format_node()}: TVM's converter of aten.{name} computes in float32 only and the "
+                f"model computes it in {dtype}; compile model.float() with float32 inputs"
+            )
+        return getattr(importer, "_" + name.split(".")[0])(node)
+
+    return convert
+
+
+FLOAT32_ONLY = ("convolution.default", "conv1d.default", "conv2d.default", "conv3d.default",
+                "conv_transpose1d.default", "conv_transpose2d.input", "baddbmm.default")
+
+CONVERTERS = {
+    **{name: float32_only(name) for name in FLOAT32_ONLY},
+    "slice.Tensor": convert_slice,
+    "mm.default": convert_matmul,
+    "bmm.default": convert_matmul,
+    "matmul.default": convert_matmul,
+    "addmm.default": convert_addmm,
+    "linear.default": convert_linear,
+}

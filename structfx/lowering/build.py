@@ -19,6 +19,7 @@ from structfx.lowering.converters import converter_map
 from structfx.lowering.export import export_for_compile, input_specs, output_specs
 from structfx.lowering.graph_fixes import prepare_for_import
 from structfx.lowering.schedules import apply_schedules, legalize, rules_for
+from structfx.lowering.state import restored_state, warn_state_updates
 from structfx.lowering.target import resolve_target
 
 #: What TVM and the torch importer raise (TVM's own errors subclass RuntimeError, ValueError...).
@@ -54,7 +55,9 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     """
     args = (example_inputs,) if isinstance(example_inputs, (Tensor, dict)) else tuple(example_inputs)
     tvm_target = resolve_target(target)
-    program = export_for_compile(model, args)
+    with restored_state(model) as updated:
+        program = export_for_compile(model, args)
+    warn_state_updates(model, updated)
     mod, params = lower_to_relax(program, tvm_target)
     mod = schedule_module(legalize_module(mod, tvm_target), tvm_target, database)
     kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint.startswith("structfx_"))

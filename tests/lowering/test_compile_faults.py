@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import structfx as sfx
+from structfx.errors import StructfxError
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -81,3 +82,53 @@ def test_cumsum_of_a_bool_mask():
     for batch in (1, 3):
         q, ids = torch.randn(batch, 8, 16), torch.randint(0, 8, (batch, 8))
         assert _relative(compiled(q, ids), model(q, ids)) < 1e-5
+
+
+def test_float64_model_computes_in_float64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).double().eval()
+    compiled = sfx.compile(model, torch.randn(4, 16, dtype=torch.float64))
+    for batch in (1, 4, 7):
+        x = torch.randn(batch, 16, dtype=torch.float64)
+        got = compiled(x)
+        assert got.dtype == torch.float64
+        assert _relative(got, model(x)) < 1e-12
+
+
+def test_float64_batched_matmul():
+    model = Lambda2(lambda a, b: torch.bmm(a, b) + torch.matmul(a, b))
+    a, b = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
+    assert _relative(sfx.compile(model, (a, b))(a, b), model(a, b)) < 1e-12
+
+
+def test_float64_convolution_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).double()
+    with pytest.raises(StructfxError, match=r"aten.convolution.default computes in float32 only .* float64"):
+        sfx.compile(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+
+
+class Counting(nn.Module):
+    """A forward that updates buffers: a call counter and a running mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.register_buffer("n", torch.zeros(()))
+        self.register_buffer("running", torch.ones(16))
+
+    def forward(self, x):
+        self.n += 1
+        self.running.mul_(0.5).add_(x.mean(0))
+        return self.fc(x) + self.running + self.n
+
+
+def test_compile_leaves_the_model_unchanged_and_names_the_updated_buffers():
+    torch.manual_seed(0)
+    model = Counting()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match=r"Counting.forward updates n, running: the compiled model"):
+        compiled = sfx.compile(model, x)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert _relative(compiled(x), model(x)) < 1e-5  # one eager call from the same state

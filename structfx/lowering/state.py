@@ -1,0 +1,44 @@
+"""The user's model is left as compile found it. Exporting runs forward (the eager check of the example
+inputs, and tracing), and a forward may update a buffer (``self.n += 1``, running statistics): every
+parameter and buffer is restored afterwards, and the ones forward changed are named in a warning, since
+the compiled model does not carry such updates."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+from torch import nn
+
+from structfx.passes.recording import preserved_state
+
+
+@contextlib.contextmanager
+def restored_state(model: nn.Module):
+    """Yield a list that, on exit, holds the names of the parameters and buffers the body changed
+    (in place or by assigning a new tensor); restore them all to their values on entry."""
+    before = {name: (tensor, tensor.detach().clone()) for name, tensor in _named_tensors(model)}
+    changed: list[str] = []
+    with preserved_state(model):
+        try:
+            yield changed
+        finally:
+            after = dict(_named_tensors(model))
+            changed.extend(
+                name for name, (tensor, value) in before.items()
+                if after.get(name) is not tensor or tensor.shape != value.shape or not tensor.detach().equal(value)
+            )
+
+
+def _named_tensors(model: nn.Module):
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def warn_state_updates(model: nn.Module, names: list[str]) -> None:
+    """Warn that ``model``'s forward updates the parameters/buffers ``names`` and the compiled model does not."""
+    if names:
+        warnings.warn(
+            f"{type(model).__name__}.forward updates {', '.join(names)}: the compiled model computes every call "
+            f"from their values at compile time and does not update them (the model itself is left unchanged)",
+            stacklevel=3,
+        )
