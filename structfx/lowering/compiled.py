@@ -38,7 +38,14 @@ class CompiledModel:
             self._device_params = [tvm.runtime.tensor(p.numpy(), self.device) for p in self.params]
         return self._vm, self._device_params
 
-    def __call__(self, *args: Tensor):
+    def __call__(self, *args: Tensor, **kwargs):
+        if kwargs:
+            accepted = ", ".join(spec.name for spec in self.inputs)
+            raise StructfxError(
+                f"the compiled model takes its tensor inputs positionally ({accepted}), got keyword argument(s) "
+                f"{', '.join(kwargs)}: non-tensor arguments are fixed at compile time; pass the tensors in that "
+                f"order, or compile a wrapper module whose forward sets the other arguments"
+            )
         self.check_inputs(args)
         vm, params = self._machine()
         result = vm["main"](*[self._to_device(a) for a in args], *params)

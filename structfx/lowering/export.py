@@ -138,14 +138,16 @@ def _eager_failure(model: nn.Module, args: tuple, names: list[str], error: Excep
 
 
 def requested_dims(model: nn.Module, args: tuple) -> list[DynamicDim]:
-    """Dim 0 of every tensor with at least one dim; for a model with a (transformers) config, dim 1 of
+    """Dim 0 of every tensor with at least one dim, except a dim 0 of size 1 beside a larger one (an input
+    that broadcasts over the batch, e.g. a (1, d) bias); for a model with a (transformers) config, dim 1 of
     rank-2 integer tensors (token ids and their masks), bounded by the model's maximum sequence length
     where the config gives one."""
     config = getattr(model, "config", None)
     longest = next((getattr(config, f) for f in MAX_LENGTH_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    batch = max((arg.shape[0] for arg in args if arg.dim() > 0), default=0)
     dims = []
     for i, arg in enumerate(args):
-        if arg.dim() > 0:
+        if arg.dim() > 0 and not (arg.shape[0] == 1 < batch):
             dims.append(DynamicDim(i, 0, "batch"))
         if arg.dim() == 2 and config is not None and not arg.is_floating_point():
             dims.append(DynamicDim(i, 1, "sequence", longest))

@@ -132,3 +132,36 @@ def test_compile_leaves_the_model_unchanged_and_names_the_updated_buffers():
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert _relative(compiled(x), model(x)) < 1e-5  # one eager call from the same state
+
+
+class AddBroadcast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, y):
+        return self.fc(x) + y
+
+
+def test_an_input_that_broadcasts_over_the_batch_stays_static():
+    torch.manual_seed(0)
+    model = AddBroadcast().eval()
+    compiled = sfx.compile(model, (torch.randn(4, 16), torch.randn(1, 16)))
+    assert compiled.inputs[1].shape == (1, 16)
+    for batch in (1, 4, 7):
+        x, y = torch.randn(batch, 16), torch.randn(1, 16)
+        assert _relative(compiled(x, y), model(x, y)) < 1e-5
+
+
+def test_a_batch_of_one_stays_symbolic():
+    torch.manual_seed(0)
+    model = AddBroadcast().eval()
+    compiled = sfx.compile(model, (torch.randn(1, 16), torch.randn(1, 16)))
+    x, y = torch.randn(5, 16), torch.randn(5, 16)
+    assert _relative(compiled(x, y), model(x, y)) < 1e-5
+
+
+def test_keyword_arguments_are_refused_with_what_the_model_takes():
+    compiled = sfx.compile(nn.Linear(16, 4), torch.randn(4, 16))
+    with pytest.raises(StructfxError, match=r"takes its tensor inputs positionally \(input\).*scale"):
+        compiled(torch.randn(4, 16), scale=2.0)
