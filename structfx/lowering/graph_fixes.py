@@ -20,8 +20,14 @@
   for a negative index (silently wrong values). A static size is added to the index; on a symbolic dim a
   ``select`` becomes a ``slice`` of one element and a ``squeeze`` (TVM's slice counts negative starts from
   the end, also of a symbolic dim).
+- Integer index tensors of ``aten.index``/``aten.index_put`` (``qkv[:, :, [-2]]`` in Falcon's attention)
+  are counted from the end where negative (``where(i < 0, i + size, i)``): TVM's converter reads them
+  unnormalised. Only dimensions of static size are handled (transformers' masks index the symbolic
+  batch and sequence with ``arange``s, which are never negative).
 - ``aten.slice_scatter`` over a whole dimension (what ``h[:, :4] = 0`` leaves on the batch dim) is its
-  source: TVM's legalization of it needs constant bounds, and the batch is symbolic.
+  source: TVM's legalization of it needs constant bounds, and the batch is symbolic. Any other
+  ``slice_scatter`` of step 1 along a symbolic dimension (``h[:2] = 0``) becomes the concatenation of the
+  slices before and after the written part around it.
 - ``aten.cumsum``/``aten.cumprod`` of a bool or integer tensor compute in int64 as torch does (their input
   is cast first): TVM keeps the input's dtype and its build rejects a bool scan
   (``Check failed: (t.MatchesCode(DLDataTypeCode::kDLFloat))``, the causal masks of GPT-2, Llama...).
@@ -54,7 +60,9 @@ def prepare_for_import(program: torch.export.ExportedProgram) -> torch.export.Ex
     concat_without_empty(program.graph_module)
     normalize_dims(program.graph_module)
     normalize_indices(program.graph_module)
+    normalize_index_tensors(program.graph_module)
     whole_slice_scatters(program.graph_module)
+    slice_scatters_as_concat(program.graph_module)
     scans_in_result_dtype(program.graph_module)
     return program
 
@@ -218,6 +226,37 @@ def _select_as_slice(gm: torch.fx.GraphModule, node: torch.fx.Node, source, dim:
     gm.graph.erase_node(node)
 
 
+def normalize_index_tensors(gm: torch.fx.GraphModule) -> int:
+    """Wrap every integer index tensor of ``aten.index.Tensor``/``aten.index_put.default`` that indexes a
+    dimension of static size in ``where(i < 0, i + size, i)``, in place; returns how many. An index of a
+    symbolic dimension is left as it is."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.index.Tensor, aten.index_put.default):
+            continue
+        source, indices = node.args[0], list(node.args[1])
+        shape = source.meta["val"].shape
+        for dim, index in enumerate(indices):
+            value = index.meta.get("val") if isinstance(index, torch.fx.Node) else None
+            if value is None or value.dtype in (torch.bool, torch.uint8):
+                continue
+            size = _constant(shape[dim])
+            if size is None:
+                continue
+            with gm.graph.inserting_before(node):
+                negative = gm.graph.call_function(aten.lt.Scalar, (index, 0))
+                negative.meta = {"val": aten.lt.Scalar(value, 0)}
+                wrapped = gm.graph.call_function(aten.add.Tensor, (index, size))
+                wrapped.meta = {"val": aten.add.Tensor(value, size)}
+                indices[dim] = gm.graph.call_function(aten.where.self, (negative, wrapped, index))
+                indices[dim].meta = {"val": aten.where.self(negative.meta["val"], wrapped.meta["val"], value)}
+            changed += 1
+        node.args = (source, indices, *node.args[2:])
+    if changed:
+        gm.recompile()
+    return changed
+
+
 def whole_slice_scatters(gm: torch.fx.GraphModule) -> int:
     """Replace every ``aten.slice_scatter`` that writes a whole dimension (start 0, step 1, end at or
     past its size) by the tensor it writes, in place; returns how many."""
@@ -240,6 +279,44 @@ def whole_slice_scatters(gm: torch.fx.GraphModule) -> int:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return replaced
+
+
+def slice_scatters_as_concat(gm: torch.fx.GraphModule) -> int:
+    """Replace every ``aten.slice_scatter`` of step 1 along a symbolic dimension by
+    ``cat([self[..start], src, self[end..]], dim)``, in place; returns how many."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.slice_scatter.default:
+            continue
+        names = [a.name for a in node.target._schema.arguments]
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        source, written = bound["self"], bound["src"]
+        dim, start, end = bound.get("dim", 0), bound.get("start") or 0, bound.get("end")
+        if bound.get("step", 1) != 1 or _constant(source.meta["val"].shape[dim]) is not None:
+            continue
+        if not all(isinstance(v, int) for v in (dim, start)) or not isinstance(end, (int, type(None))):
+            continue
+        with gm.graph.inserting_before(node):
+            pieces = [written]
+            if start != 0:
+                pieces.insert(0, _slice(gm, source, dim, 0, start))
+            if end is not None and end != sys.maxsize:
+                pieces.append(_slice(gm, source, dim, end, sys.maxsize))
+            joined = gm.graph.call_function(aten.cat.default, (pieces, dim)) if len(pieces) > 1 else written
+            joined.meta = dict(node.meta) if len(pieces) > 1 else joined.meta
+        node.replace_all_uses_with(joined)
+        gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return replaced
+
+
+def _slice(gm: torch.fx.GraphModule, source: torch.fx.Node, dim: int, start: int, end: int) -> torch.fx.Node:
+    sliced = gm.graph.call_function(aten.slice.Tensor, (source, dim, start, end))
+    sliced.meta = {"val": aten.slice.Tensor(source.meta["val"], dim, start, end)}
+    return sliced
 
 
 def scans_in_result_dtype(gm: torch.fx.GraphModule) -> int:

@@ -36,10 +36,25 @@ def _slice_assign(x):
     return h
 
 
+def _index_put_negative(x):
+    h = x * 2
+    h[:, [-1, 3]] = 0
+    return h
+
+
 def _assign_last_row(x):
     h = x * 2
     h[-1] = 3
     return h
+
+
+def _assign_rows(rows: slice):
+    def assign(x):
+        h = x * 2
+        h[rows] = 3
+        return h
+
+    return assign
 
 
 #: (name, function of x (batch, 16), smallest batch it is defined at)
@@ -56,8 +71,13 @@ NEGATIVE_INDICES = [
     ("narrow_columns", lambda x: x.narrow(1, -3, 2), 1),
     ("narrow_rows", lambda x: x.narrow(0, -1, 1), 1),
     ("last_of_3d", lambda x: x.reshape(x.shape[0], 4, 4)[:, -1, -1], 1),
+    ("index_negative_list", lambda x: x[:, [-2, 0, -16]], 1),
+    ("index_3d_negative_list", lambda x: x.reshape(x.shape[0], 4, 4)[:, :, [-2]], 1),
+    ("index_put_negative", _index_put_negative, 1),
     ("slice_assignment", _slice_assign, 1),
     ("assign_last_row", _assign_last_row, 1),
+    ("assign_first_rows", _assign_rows(slice(None, 2)), 2),
+    ("assign_rows_after_first", _assign_rows(slice(1, None)), 1),
 ]
 
 
@@ -165,3 +185,48 @@ def test_keyword_arguments_are_refused_with_what_the_model_takes():
     compiled = sfx.compile(nn.Linear(16, 4), torch.randn(4, 16))
     with pytest.raises(StructfxError, match=r"takes its tensor inputs positionally \(input\).*scale"):
         compiled(torch.randn(4, 16), scale=2.0)
+
+
+def _causal_lm(name: str) -> nn.Module:
+    import transformers
+
+    shared = dict(vocab_size=100, use_cache=False)
+    decoder = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, max_position_embeddings=32, **shared)
+    return {
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2,
+                                                                              n_positions=32, **shared)),
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**decoder)),
+        "falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, **shared)),
+    }[name]()
+
+
+class Logits(nn.Module):
+    """A causal LM called with token ids and an attention mask, returning the logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, ids, mask):
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+def _tokens(batch: int, length: int, padded: int) -> tuple:
+    ids = torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(batch * length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, :padded] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "falcon"])
+def test_causal_lm_with_attention_mask(name):
+    torch.manual_seed(0)
+    model = Logits(_causal_lm(name)).eval()
+    compiled = sfx.compile(model, _tokens(2, 8, 0))
+    for batch, length, padded in ((1, 8, 0), (2, 8, 0), (3, 12, 2)):
+        ids, mask = _tokens(batch, length, padded)
+        with torch.no_grad():
+            want = model(ids, mask)
+        assert _relative(compiled(ids, mask), want) < 1e-5, f"batch {batch}, length {length}"
