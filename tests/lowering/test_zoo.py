@@ -58,7 +58,13 @@ def _cases(entry: ZooModel) -> list[tuple]:
     return [(batch, length) for batch in BATCHES for length in (entry.lengths or (0,))]
 
 
-TRANSFORM_BUGS: dict[str, str] = {}
+#: Transformed variants known to fail, and where: marked xfail without running (each takes a minute to fail).
+TRANSFORM_BUGS = {
+    **{name: "transform: a traced child that replaces an nn.Conv loses its attributes (the model reads conv.stride)"
+       for name in ("mobilenet_v2", "whisper_encoder")},
+    "convnext": "schedule: BTT on rows s*16 (batch x 4 x 4 positions): TVM cannot prove the padded scratch rows "
+                "cover the output rows ('not a stage pipeline' in reverse_compute_at)",
+}
 
 
 @pytest.mark.parametrize("transformed", [False, True], ids=["original", "transformed"])

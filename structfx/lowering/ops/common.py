@@ -30,7 +30,7 @@ def tile_multiple(rows, tile: int):
     """``rows`` rounded up to a multiple of ``tile``: the row extent of a kernel's scratch buffers, so
     their tiles split exactly (no predicate on the vectorised loop) at any batch; reads of the input
     are clamped to its last row and the padded rows are never stored."""
-    return tirx.floordiv(rows + (tile - 1), tile) * tile
+    return tvm.sym.Analyzer().simplify(tirx.floordiv(rows + (tile - 1), tile) * tile)
 
 
 def last_row(b, rows):
@@ -103,7 +103,7 @@ def as_rows(importer, x: relax.Expr) -> tuple[relax.Expr, list]:
     leading = shape[:-1]
     if len(shape) == 2:
         return x, leading
-    rows = functools.reduce(operator.mul, leading, 1)
+    rows = tvm.sym.Analyzer().simplify(functools.reduce(operator.mul, leading, 1))  # s*4*4 -> s*16: one form
     return importer.block_builder.emit(relax.op.reshape(x, [rows, shape[-1]])), leading
 
 
