@@ -58,20 +58,9 @@ def _cases(entry: ZooModel) -> list[tuple]:
     return [(batch, length) for batch in BATCHES for length in (entry.lengths or (0,))]
 
 
-#: Transformed variants known to fail, and where: marked xfail without running (each takes a minute to fail).
-TRANSFORM_BUGS = {
-    **{name: "transform: a traced child that replaces an nn.Conv loses its attributes (the model reads conv.stride)"
-       for name in ("mobilenet_v2", "whisper_encoder")},
-    "convnext": "schedule: BTT on rows s*16 (batch x 4 x 4 positions): TVM cannot prove the padded scratch rows "
-                "cover the output rows ('not a stage pipeline' in reverse_compute_at)",
-}
-
-
 @pytest.mark.parametrize("transformed", [False, True], ids=["original", "transformed"])
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
 def test_zoo_model_compiles_matches_eager_and_runs_without_torch(entry: ZooModel, transformed: bool, tmp_path):
-    if transformed and entry.name in TRANSFORM_BUGS:
-        pytest.xfail(TRANSFORM_BUGS[entry.name])
     model = entry.build()
     example = entry.inputs(2, entry.lengths[0] if entry.lengths else 0)
     if transformed:
