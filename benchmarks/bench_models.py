@@ -137,7 +137,8 @@ def layer_section(repeat: int) -> list[str]:
     from transformers.models.bert.modeling_bert import BertLayer
 
     torch.manual_seed(0)
-    layer = BertLayer(BertConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12)).eval()
+    config = BertConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, attn_implementation="eager")
+    layer = BertLayer(config).eval()
     x = torch.randn(8, 128, 768)
     compiled = sfx.compile(layer, x)
     small = sfx.transform(layer, [sfx.BTT(rank=4)], example_inputs=(x,))

@@ -24,13 +24,35 @@ def legalize_and_fuse(mod, target: Target):
     with target:
         if target.kind.name == "llvm":
             mod = unbroadcast_matmul_weights(mod)
-            mod = relax.transform.FuseTransposeMatmul()(mod)
+            mod = fuse_transpose_matmul(mod)
         mod = relax.transform.LegalizeOps()(mod)
         mod = relax.transform.AnnotateTIROpPattern()(mod)
         mod = mark_ours_opaque(mod)
         mod = relax.transform.FuseOps()(mod)
         mod = relax.transform.FuseTIR()(mod)
         return relax.transform.DeadCodeElimination()(mod)
+
+
+def fuse_transpose_matmul(mod):
+    """TVM's FuseTransposeMatmul without the case it crashes on: ``x @ x^T`` (one tensor on both sides
+    becomes a one-parameter composite function, whose code generator then reads a second argument:
+    ``IndexError: Index out of range. size: 1, got index 1``). Such a matmul stays as it is."""
+    from tvm.relax.transform import fuse_transpose_matmul as upstream
+
+    pattern, annotations, check = upstream._pattern()
+
+    def distinct_operands(context) -> bool:
+        found = context.annotated_expr
+        return check(context) and not found["x"].same_as(found["w"])
+
+    mod = relax.transform.FuseOpsByPattern(
+        [("transpose_matmul_fuse", pattern, annotations, distinct_operands)], bind_constants=False
+    )(mod)
+    fuser = upstream._TransposeMatmulFuser(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fuser.builder_.update_func(gv, fuser.visit_expr(func))
+    return fuser.builder_.get()
 
 
 def unbroadcast_matmul_weights(mod):

@@ -84,6 +84,10 @@ def transform(
     are not tensors, a calibration batch whose trailing shape or dtype differs from the example's) and
     for any failure while running or rewriting the model.
     """
+    if not isinstance(model, nn.Module):
+        raise StructfxError(
+            f"transform takes an nn.Module, got {type(model).__name__}: wrap the function in a module's forward"
+        )
     rules = _checked_rules(rules)
     example = _as_args(example_inputs, "example_inputs")
     _check_positional_call(model, example)
@@ -448,6 +452,11 @@ def _calibration_batches(calibration: Iterable | None, example: tuple) -> list[t
                 raise StructfxError(
                     f"calibration batch {index}, input {position}: got {described}, expected (any batch, "
                     f"{', '.join(map(str, want.shape[1:]))}) {want.dtype} like example_inputs"
+                )
+            if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+                raise StructfxError(
+                    f"calibration batch {index}, input {position} holds NaN or infinite values: fits and errors "
+                    f"measured on it would mean nothing; pass finite batches"
                 )
         batches.append(args)
     return batches

@@ -87,14 +87,14 @@ def test_no_trial_goes_to_a_kernel_with_nothing_to_tune(tmp_path):
     model, x = nn.Linear(48, 40).eval(), torch.randn(16, 48)
     sfx.tune(model, x, trials=3, database=tmp_path / "db", progress=False)
     measured = collections.Counter(r["kernel"] for r in _records(tmp_path / "db"))
-    assert measured == {"matmul": 3}  # the weight's transpose and the bias add have one schedule each
+    assert measured == {"fused_NT_matmul_add": 3}  # the bias add is fused into the matmul's kernel
     from structfx.lowering.build import legalize_module, lower_to_relax
     from structfx.lowering.export import export_for_compile
 
     target = resolve_target()
     mod = legalize_module(lower_to_relax(export_for_compile(model, (x,)), target)[0], target)
     tasks = {t.name for t in extract_tasks(mod, target)}
-    assert tasks == {"matmul"}
+    assert tasks == {"fused_NT_matmul_add"}
     for gv, func in mod.functions_items():
         if gv.name_hint not in tasks and hasattr(func, "buffer_map"):
             assert not samples_anything(workload_of(func), standard_space(), target), gv.name_hint
@@ -255,16 +255,15 @@ class _TimedOut:
 
 
 def test_a_hand_schedule_slower_than_the_timeout_is_filed_as_infinitely_slow(tmp_path):
-    from structfx.lowering.build import define_row_tiles, lower_to_relax
+    from structfx.lowering.build import legalize_module, lower_to_relax
     from structfx.lowering.export import export_for_compile
-    from structfx.lowering.schedules import legalize
     from structfx.lowering.tuning.database import workload_hash
     from structfx.lowering.tuning.tune import InProcessBuilder, _measure_hand_schedule
 
     model, x = _model()
     target = resolve_target()
-    program, _ = export_for_compile(model, (x,))
-    (task,) = extract_tasks(legalize(define_row_tiles(lower_to_relax(program, target)[0]), target), target)
+    mod = legalize_module(lower_to_relax(export_for_compile(model, (x,)), target)[0], target)
+    (task,) = extract_tasks(mod, target)
     record = _measure_hand_schedule(task, target, workload_hash(task.workload), InProcessBuilder(), _TimedOut())
     assert record.hand and record.seconds == float("inf")
     db = TuningDatabase(tmp_path / "db", target, create=True)

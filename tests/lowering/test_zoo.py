@@ -58,14 +58,9 @@ def _cases(entry: ZooModel) -> list[tuple]:
     return [(batch, length) for batch in BATCHES for length in (entry.lengths or (0,))]
 
 
-TRANSFORM_BUGS: dict[str, str] = {}
-
-
 @pytest.mark.parametrize("transformed", [False, True], ids=["original", "transformed"])
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
 def test_zoo_model_compiles_matches_eager_and_runs_without_torch(entry: ZooModel, transformed: bool, tmp_path):
-    if transformed and entry.name in TRANSFORM_BUGS:
-        pytest.xfail(TRANSFORM_BUGS[entry.name])
     model = entry.build()
     example = entry.inputs(2, entry.lengths[0] if entry.lengths else 0)
     if transformed:

@@ -30,7 +30,7 @@ def tile_multiple(rows, tile: int):
     """``rows`` rounded up to a multiple of ``tile``: the row extent of a kernel's scratch buffers, so
     their tiles split exactly (no predicate on the vectorised loop) at any batch; reads of the input
     are clamped to its last row and the padded rows are never stored."""
-    return tirx.floordiv(rows + (tile - 1), tile) * tile
+    return tvm.sym.Analyzer().simplify(tirx.floordiv(rows + (tile - 1), tile) * tile)
 
 
 def last_row(b, rows):
@@ -98,17 +98,31 @@ def named_loops(sch: Schedule, block, dims: list[tuple[str, int]]) -> list:
 
 
 def as_rows(importer, x: relax.Expr) -> tuple[relax.Expr, list]:
-    """x (..., n) as rows (B, n) and the leading shape to restore afterwards."""
+    """x (..., n) as rows (B, n), B a plain symbolic var or a constant, and the leading shape to restore
+    afterwards (from_rows)."""
     shape = list(importer.shape_of(x))
     leading = shape[:-1]
-    if len(shape) == 2:
-        return x, leading
-    rows = functools.reduce(operator.mul, leading, 1)
-    return importer.block_builder.emit(relax.op.reshape(x, [rows, shape[-1]])), leading
+    if len(shape) != 2:
+        rows = tvm.sym.Analyzer().simplify(functools.reduce(operator.mul, leading, 1))  # s*4*4 -> s*16: one form
+        x = importer.block_builder.emit(relax.op.reshape(x, [rows, shape[-1]]))
+    return plain_leading(importer, x), leading
+
+
+def plain_leading(importer, x: relax.Expr) -> relax.Expr:
+    """x with its leading dim a constant or a plain symbolic var: a compound one (s*16, a transpose's
+    rows) is bound to a fresh var ``rows`` by a match_cast. Our kernels pad that dim to a whole number
+    of row tiles, and TVM can prove the padded extent covers the rows only for a plain var ("not a stage
+    pipeline" in reverse_compute_at for s*16)."""
+    shape = list(importer.shape_of(x))
+    if isinstance(shape[0], (int, tirx.IntImm, tirx.Var)):
+        return x
+    rows = tirx.Var("rows", "int64")
+    return importer.block_builder.match_cast(x, relax.TensorType([rows, *shape[1:]], x.ty.dtype))
 
 
 def from_rows(importer, y: relax.Expr, leading: list, width) -> relax.Expr:
-    if len(leading) == 1:
+    """y (B, width) back to (*leading, width), the leading dims as the input had them."""
+    if len(leading) == 1 and tvm.sym.Analyzer().can_prove_equal(importer.shape_of(y)[0], leading[0]):
         return y
     return importer.block_builder.emit(relax.op.reshape(y, [*leading, width]))
 

@@ -14,7 +14,7 @@ from structfx.lowering.compat import Schedule, Target, tirx
 from structfx.lowering.ops.common import OpRule, present, vector_lanes
 from structfx.lowering.rules.analysis import conv_form, inline_epilogue, reduces, root_blocks
 from structfx.lowering.rules.matmul import registers
-from structfx.lowering.rules.spatial import parallel_vectorized
+from structfx.lowering.rules.spatial import parallel_tiles, parallel_vectorized
 
 #: Widest tile along the output axis, in vectors.
 MAX_VECTORS = 2
@@ -60,8 +60,7 @@ class Conv(OpRule):
                 outer.append(loops[axis])
         reduce = [loops[p] for p in form.reduce]
         sch.reorder(*outer, *reduce, *present(f_inner, x_inner))
-        tile = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(tile)
+        tile = parallel_tiles(sch, outer)
         if f_inner is not None:
             sch.unroll(f_inner)
         if x_inner is not None:

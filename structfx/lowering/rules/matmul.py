@@ -23,7 +23,7 @@ from __future__ import annotations
 from structfx.lowering.compat import Schedule, Target, tirx
 from structfx.lowering.ops.common import OpRule, vector_lanes
 from structfx.lowering.rules.analysis import MatmulForm, inline_epilogue, matmul_form, reduces, root_blocks
-from structfx.lowering.rules.spatial import parallel_vectorized
+from structfx.lowering.rules.spatial import parallel_tiles, parallel_vectorized
 
 #: Bytes of B rows kept per parallel block of NT tiles (half of a 512 KiB L2, the rest for A and C).
 L2_BLOCK_BYTES = 256 * 1024
@@ -137,14 +137,15 @@ def _nt_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int, lan
     tiles = n_padded // nr if n_padded is not None else None
     block_tiles = max(d for d in range(1, min(rows_per_block, tiles or 1) + 1) if tiles and tiles % d == 0)
     if tiles and 1 < block_tiles < tiles:
+        # blocks of B rows in parallel, each reused by every row tile: one parallel region per call
         j_block, j_outer, j_inner = sch.split(by_iter[form.j], [None, block_tiles, nr])
         sch.reorder(*batch, j_block, i_outer, j_outer, k_outer, i_inner, j_inner, k_lane)
-        tile = sch.fuse(*batch, j_block, i_outer, j_outer)
+        parallel_tiles(sch, [*batch, j_block])
+        tile = j_outer
     else:
         j_outer, j_inner = sch.split(by_iter[form.j], [None, nr])
         sch.reorder(*batch, i_outer, j_outer, k_outer, i_inner, j_inner, k_lane)
-        tile = sch.fuse(*batch, i_outer, j_outer)
-    sch.parallel(tile)
+        tile = parallel_tiles(sch, [*batch, i_outer, j_outer])
     sch.unroll(i_inner)
     sch.unroll(j_inner)
     sch.vectorize(k_lane)
@@ -153,8 +154,15 @@ def _nt_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int, lan
     sch.decompose_reduction(rf, k_outer)
     sch.set_scope(rf, 0, "local")
     sch.set_scope(main, 0, "local")
-    for loop in sch.get_loops(main)[1:]:
+    for loop in _inside(sch, main, tile):
         sch.unroll(loop)
+
+
+def _inside(sch: Schedule, block, tile) -> list:
+    """The loops of ``block`` inside the loop ``tile``."""
+    loops = list(sch.get_loops(block))
+    position = next(n for n, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(tile)))
+    return loops[position + 1:]
 
 
 def _nn_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int) -> None:
@@ -163,8 +171,7 @@ def _nn_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int) -> 
     i_outer, i_inner = sch.split(loops[form.i], [None, mr])
     j_outer, j_inner = sch.split(loops[form.j], [None, nr])
     sch.reorder(*batch, i_outer, j_outer, loops[form.k], i_inner, j_inner)
-    tile = sch.fuse(*batch, i_outer, j_outer)
-    sch.parallel(tile)
+    tile = parallel_tiles(sch, [*batch, i_outer, j_outer])
     sch.unroll(i_inner)
     sch.vectorize(j_inner)
     sch.reverse_compute_at(out, tile)

@@ -24,4 +24,17 @@ def parallel_vectorized(sch: Schedule, block, lanes: int) -> None:
         elif 1 < extent.value <= WHOLE_VECTORS * lanes:
             sch.vectorize(loops.pop())
     if loops:
-        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+        parallel_tiles(sch, loops)
+
+
+def parallel_tiles(sch: Schedule, loops: list):
+    """Fuse ``loops`` (outermost first) from the last one of symbolic extent inward and run the fused
+    loop in parallel; loops before it stay serial. Every index taken apart from the fused loop then
+    divides by static extents only: a symbolic divisor keeps TVM from compacting a tile's scratch
+    buffers (accumulators) to the tile, and they would be allocated and addressed whole. Returns the
+    parallel loop."""
+    symbolic = [n for n, loop in enumerate(loops) if not isinstance(sch.get(loop).extent, tirx.IntImm)]
+    group = loops[symbolic[-1] if symbolic else 0:]
+    tile = sch.fuse(*group) if len(group) > 1 else group[0]
+    sch.parallel(tile)
+    return tile

@@ -108,3 +108,16 @@ def test_a_failing_filter_fn_is_named():
     with pytest.raises(sfx.StructfxError, match=r"filter_fn raised on body.fc1 \(Linear\)") as caught:
         transformed(Nested(), sfx.BTT(), (torch.randn(4, 64),), filter_fn=picky)
     assert isinstance(caught.value.__cause__, KeyError)
+
+
+def test_a_function_is_not_a_model():
+    with pytest.raises(sfx.StructfxError, match=r"transform takes an nn.Module, got function"):
+        sfx.transform(lambda t: t, sfx.BTT(), example_inputs=(torch.randn(2, 64),))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration_is_refused(bad):
+    batch = torch.randn(8, 64)
+    batch[3, 5] = bad
+    with pytest.raises(sfx.StructfxError, match=r"calibration batch 0, input 0 holds NaN or infinite values"):
+        sfx.transform(MLP(), sfx.BTT(), example_inputs=(torch.randn(2, 64),), calibration=[batch])
