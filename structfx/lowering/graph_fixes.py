@@ -257,6 +257,12 @@ def normalize_index_tensors(gm: torch.fx.GraphModule) -> int:
     return changed
 
 
+def _bound_arguments(node: torch.fx.Node) -> dict:
+    """The call's arguments by their schema names (positional and keyword alike)."""
+    names = [a.name for a in node.target._schema.arguments]
+    return dict(zip(names, node.args)) | dict(node.kwargs)
+
+
 def whole_slice_scatters(gm: torch.fx.GraphModule) -> int:
     """Replace every ``aten.slice_scatter`` that writes a whole dimension (start 0, step 1, end at or
     past its size) by the tensor it writes, in place; returns how many."""
@@ -264,8 +270,7 @@ def whole_slice_scatters(gm: torch.fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.slice_scatter.default:
             continue
-        names = [a.name for a in node.target._schema.arguments]
-        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        bound = _bound_arguments(node)
         source, written = bound["self"], bound["src"]
         dim, start, end, step = (bound.get(k, d) for k, d in (("dim", 0), ("start", None), ("end", None), ("step", 1)))
         size = source.meta["val"].shape[dim]
@@ -288,8 +293,7 @@ def slice_scatters_as_concat(gm: torch.fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.slice_scatter.default:
             continue
-        names = [a.name for a in node.target._schema.arguments]
-        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        bound = _bound_arguments(node)
         source, written = bound["self"], bound["src"]
         dim, start, end = bound.get("dim", 0), bound.get("start") or 0, bound.get("end")
         if bound.get("step", 1) != 1 or _constant(source.meta["val"].shape[dim]) is not None:

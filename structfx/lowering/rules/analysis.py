@@ -46,15 +46,10 @@ def inline_epilogue(sch: Schedule, main):
 def matmul_form(block: tirx.SBlock) -> MatmulForm | None:
     """The matmul form of ``block``, or None where it is not a float32 multiply-accumulate of two loads
     indexed by plain loop variables."""
-    store = block.body
-    if not isinstance(store, tirx.BufferStore) or block.init is None:
+    found = _multiply_accumulate(block)
+    if found is None:
         return None
-    update = store.value
-    if not isinstance(update, tirx.Add) or str(update.ty) != "float32":
-        return None
-    product = update.b if _loads(update.a, store.buffer) else update.a if _loads(update.b, store.buffer) else None
-    if not isinstance(product, tirx.Mul) or not all(isinstance(x, TensorLoad) for x in (product.a, product.b)):
-        return None
+    store, product = found
     names = [iv.var for iv in block.iter_vars]
     reduce = [n for n, iv in enumerate(block.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
     out = _positions(store.indices, names)
@@ -75,6 +70,20 @@ def matmul_form(block: tirx.SBlock) -> MatmulForm | None:
     if sorted([*batch, i, j, k]) != list(range(len(names))):
         return None
     return MatmulForm(batch, i, j, k, nt=b[-2:] == [j, k])
+
+
+def _multiply_accumulate(block: tirx.SBlock):
+    """(store, product) of a float32 ``out += a[...] * b[...]`` block with an init, or None."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or block.init is None:
+        return None
+    update = store.value
+    if not isinstance(update, tirx.Add) or str(update.ty) != "float32":
+        return None
+    product = update.b if _loads(update.a, store.buffer) else update.a if _loads(update.b, store.buffer) else None
+    if not isinstance(product, tirx.Mul) or not all(isinstance(x, TensorLoad) for x in (product.a, product.b)):
+        return None
+    return store, product
 
 
 def _loads(expr, buffer) -> bool:
@@ -111,15 +120,10 @@ class ConvForm:
 
 def conv_form(block: tirx.SBlock) -> ConvForm | None:
     """The convolution form of ``block``, or None where it is not a float32 one."""
-    store = block.body
-    if not isinstance(store, tirx.BufferStore) or block.init is None:
+    found = _multiply_accumulate(block)
+    if found is None:
         return None
-    update = store.value
-    if not isinstance(update, tirx.Add) or str(update.ty) != "float32":
-        return None
-    product = update.b if _loads(update.a, store.buffer) else update.a if _loads(update.b, store.buffer) else None
-    if not isinstance(product, tirx.Mul) or not all(isinstance(x, TensorLoad) for x in (product.a, product.b)):
-        return None
+    store, product = found
     names = [iv.var for iv in block.iter_vars]
     reduce = tuple(n for n, iv in enumerate(block.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce)
     out = _positions(store.indices, names)
