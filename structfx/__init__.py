@@ -1,7 +1,8 @@
 """structfx: swap the costly parts of a trained PyTorch model for structured layers, then compile them.
 
 Attributes load lazily (PEP 562), so that ``structfx.runtime`` can run a compiled artifact on a machine
-with the TVM runtime alone: importing it never imports torch or the compiler.
+with the TVM runtime alone: importing it never imports torch, the compiler or the op registry (which the
+runtime's bundle leaves out). Every registered op's rule and layers are attributes too (``structfx.ops``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,6 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "StructfxError": "structfx.errors",
-    "BTTLinear": "structfx.nn",
-    "MaxPlusPool2d": "structfx.nn",
-    "SPMLinear": "structfx.nn",
-    "SparseMaxPlus": "structfx.nn",
-    "BTT": "structfx.passes",
-    "SPM": "structfx.passes",
-    "MaxPlus": "structfx.passes",
-    "MaxPlusPool": "structfx.passes",
     "Report": "structfx.passes",
     "report": "structfx.passes",
     "transform": "structfx.passes",
@@ -28,14 +21,22 @@ _EXPORTS = {
     "tune": "structfx.lowering",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+
+def _public() -> list[str]:
+    from structfx.registry import public_names
+
+    return sorted([*_EXPORTS, *public_names("rule"), *public_names("layers"), "__version__"])
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'structfx' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name == "__all__":
+        return _public()
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    from structfx.registry import export, public_names
+
+    return export(__name__, name, "rule" if name in public_names("rule") else "layers")
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return _public()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from structfx import registry
 from structfx.lowering.compat import Schedule, ScheduleRule, Target, dlight, normalize_prim_func
 from structfx.lowering.ops.common import OpRule, knob, vector_lanes
 from structfx.lowering.rules.spatial import parallel_vectorized
@@ -42,21 +43,17 @@ class GenericCPU(OpRule):
 
 
 def rules_for(target: Target) -> list[ScheduleRule]:
-    """Our ops' rules for the target's kind, then the rules for everything else."""
-    from structfx.lowering.ops.btt import BTTCPU, BTTCUDA
-    from structfx.lowering.ops.maxplus import MaxPlusCPU, MaxPlusCUDA
-    from structfx.lowering.ops.maxplus_pool import MaxPlusPoolCPU, MaxPlusPoolCUDA
-    from structfx.lowering.ops.spm import SPMCPU, SPMCUDA, SPMCoefficientsCPU
-
+    """The registered ops' rules for the target's kind (``OpSpec.schedules``), then the rules for everything
+    else."""
+    ours = [rule() for spec in registry.specs() for rule in spec.load("schedules")
+            if rule.target_kind == target.kind.name]
     if target.kind.name == "cuda":
         gpu = dlight.gpu
-        return [MaxPlusCUDA(), MaxPlusPoolCUDA(), SPMCUDA(), BTTCUDA(), gpu.Matmul(), gpu.GEMV(), gpu.Reduction(),
-                gpu.GeneralReduction(), gpu.Fallback()]
+        return [*ours, gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
     from structfx.lowering.rules.conv import Conv
     from structfx.lowering.rules.matmul import Matmul
 
-    return [MaxPlusCPU(), MaxPlusPoolCPU(), SPMCPU(), SPMCoefficientsCPU(), BTTCPU(), Matmul(), Conv(),
-            dlight.cpu.Reduction(), GenericCPU()]
+    return [*ours, Matmul(), Conv(), dlight.cpu.Reduction(), GenericCPU()]
 
 
 def legalize(mod, target: Target):

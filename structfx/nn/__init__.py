@@ -1,9 +1,17 @@
-"""The structured layers: plain trainable modules, each backed by one ``torch.ops.structfx`` custom op."""
+"""The structured layers: plain trainable modules, each backed by one ``torch.ops.structfx`` custom op.
 
-from structfx.nn.btt import BTTLinear
+Every registered op's layers (``structfx.ops``) are attributes here, imported on first use.
+"""
+
 from structfx.nn.inplace import InPlace
-from structfx.nn.maxplus import ChannelMaxPlus, SparseMaxPlus
-from structfx.nn.maxplus_pool import MaxPlusPool2d
-from structfx.nn.spm import SPMLinear
+from structfx.registry import export, public_names
 
-__all__ = ["BTTLinear", "ChannelMaxPlus", "InPlace", "MaxPlusPool2d", "SPMLinear", "SparseMaxPlus"]
+__all__ = ["InPlace", *public_names("layers")]
+
+
+def __getattr__(name: str):
+    return export(__name__, name, "layers")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

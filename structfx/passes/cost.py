@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
+from structfx import registry
 from structfx.passes.sites import POOLS, dense_parameters, is_conv1d
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What a registered op's ``cost(layer)`` returns: multiply-adds per input row (add-max pairs for
+    max-plus ops, the window per output for pools) and what the layer padded ("" when nothing)."""
+
+    multiply_adds: int
+    padding: str = ""
 
 
 def parameter_count(module: nn.Module) -> int:
@@ -13,21 +24,14 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def ops_per_row(module: nn.Module) -> int:
-    """Multiply-adds per input row for dense layers (SPM: 2 N L; BTT: r (n0 n_in + m1 n_out)), add-max
-    pairs per feature vector for max-plus (k per output), one max per feature for ReLU, the window size
-    per output for pools."""
+    """Multiply-adds per input row for dense layers, the registered op's own count for structured layers
+    (``OpSpec.cost``), one max per feature for ReLU, the window size per output for pools."""
     if isinstance(module, nn.Linear) or is_conv1d(module):
         weight, _ = dense_parameters(module)
         return weight.numel()
-    if isinstance(module, BTTLinear):
-        m0, m1, n0, n1 = module.blocks
-        return module.rank * (n0 * module.padded_in + m1 * module.padded_out)
-    if isinstance(module, SPMLinear):
-        return 2 * module.width * module.stages
-    if isinstance(module, SparseMaxPlus):
-        return module.k * module.out_features
-    if isinstance(module, MaxPlusPool2d):
-        return module.se[0].numel()
+    spec = registry.spec_of_layer(module)
+    if spec is not None:
+        return spec.load("cost")(module).multiply_adds
     if isinstance(module, POOLS):
         kernel = getattr(module, "kernel_size", None)
         return _area(kernel) if kernel is not None else 0  # adaptive: depends on the input
@@ -40,13 +44,5 @@ def _area(kernel) -> int:
 
 def padding_note(module: nn.Module) -> str:
     """What the new layer padded, for the report ("" when nothing)."""
-    if isinstance(module, BTTLinear):
-        notes = []
-        if module.padded_in != module.in_features:
-            notes.append(f"in {module.in_features}->{module.padded_in}")
-        if module.padded_out != module.out_features:
-            notes.append(f"out {module.out_features}->{module.padded_out}")
-        return ", ".join(notes)
-    if isinstance(module, SPMLinear) and module.width != max(module.in_features, module.out_features):
-        return f"width {max(module.in_features, module.out_features)}->{module.width}"
-    return ""
+    spec = registry.spec_of_layer(module)
+    return "" if spec is None else spec.load("cost")(module).padding

@@ -1,8 +1,5 @@
-"""Rule registry: each rule type maps to the function that builds its replacement layer.
-
-Filled by ``@register_rule`` in the rule files; registering twice raises, and a missing entry lists
-what is registered (torchao's habit, made loud).
-"""
+"""What transform looks up per rule: the function building its replacement layer and its prefit, both
+registered with the rule's op (``structfx.registry.OpSpec``: ``build``, ``prefit``)."""
 
 from __future__ import annotations
 
@@ -11,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from structfx import registry
 from structfx.errors import StructfxError
 
 if TYPE_CHECKING:
@@ -19,47 +17,25 @@ if TYPE_CHECKING:
 
 Builder = Callable[["Rule", "Site"], nn.Module]
 Prefit = Callable[["Rule", "list[Site]"], None]
-_BUILDERS: dict[type, Builder] = {}
-_PREFITS: dict[type, Prefit] = {}
-
-
-def register_rule(rule_type: type) -> Callable[[Builder], Builder]:
-    """Decorator: ``build(rule, site) -> nn.Module`` makes the replacement for sites of ``rule_type``."""
-
-    def decorate(build: Builder) -> Builder:
-        if rule_type in _BUILDERS:
-            raise StructfxError(f"rule {rule_type.__name__} is registered twice")
-        _BUILDERS[rule_type] = build
-        return build
-
-    return decorate
 
 
 def builder_for(rule: object) -> Builder:
-    try:
-        return _BUILDERS[type(rule)]
-    except KeyError:
-        known = ", ".join(sorted(t.__name__ for t in _BUILDERS))
-        raise StructfxError(
-            f"{rule!r} is not a structfx rule; use one of: {known} (e.g. structfx.BTT(rank=1))"
-        ) from None
+    """``build(rule, site) -> nn.Module`` of the op whose rule ``rule`` is.
 
-
-def register_prefit(rule_type: type) -> Callable[[Prefit], Prefit]:
-    """Decorator: ``prefit(rule, sites)`` prepares the replacements of many module sites at once (SPM fits
-    its layers together), before the rewrite builds them one by one."""
-
-    def decorate(prefit: Prefit) -> Prefit:
-        if rule_type in _PREFITS:
-            raise StructfxError(f"rule {rule_type.__name__} has two prefit functions")
-        _PREFITS[rule_type] = prefit
-        return prefit
-
-    return decorate
+    Raises StructfxError listing the registered rules for anything else.
+    """
+    spec = registry.spec_of_rule(type(rule))
+    if spec is None:
+        known = ", ".join(sorted(registry.ref_name(s.rule) for s in registry.specs()))
+        raise StructfxError(f"{rule!r} is not a structfx rule; use one of: {known} (e.g. structfx.BTT(rank=1))")
+    return spec.load("build")
 
 
 def prefit_for(rule: object) -> Prefit | None:
-    return _PREFITS.get(type(rule))
+    """``prefit(rule, sites)``, which prepares the replacements of many module sites at once (SPM fits its
+    layers together) before the rewrite builds them one by one; None for rules without one."""
+    spec = registry.spec_of_rule(type(rule))
+    return None if spec is None else spec.load("prefit")
 
 
 class SkipSite(Exception):

@@ -8,8 +8,8 @@ import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 
+from structfx import registry
 from structfx.errors import StructfxError
-from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
 from structfx.passes.recording import evaluation_mode, preserved_state, snapshot
 from structfx.passes.sites import is_conv1d
 
@@ -19,10 +19,10 @@ class TraceFailure(Exception):
 
 
 class StructfxTracer(fx.Tracer):
-    """torch.fx's tracer with transformers' Conv1D and our own layers kept as leaves."""
+    """torch.fx's tracer with transformers' Conv1D and every registered op's layers kept as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_conv1d(m) or isinstance(m, (BTTLinear, SPMLinear, SparseMaxPlus, MaxPlusPool2d)):
+        if is_conv1d(m) or isinstance(m, registry.layer_types()):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

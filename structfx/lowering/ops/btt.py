@@ -10,7 +10,6 @@ stores stay inside each row's block; each stage keeps a (rows x vectors) accumul
 from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, relax, te
-from structfx.lowering.converters import register_converter
 from structfx.lowering.ops.common import (
     OpRule,
     as_rows,
@@ -56,7 +55,6 @@ def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None, t
     return te.compute((rows, n0, n1), lambda b, j0, j1: acc[b, j0, j1] + bias[j0, j1], name=OUT)
 
 
-@register_converter("structfx::btt")
 def convert_btt(node, importer, target: Target):
     x, w1, w2, bias = (None if a is None else importer.env[a] for a in node.args[:4])
     out_features = node.args[4]

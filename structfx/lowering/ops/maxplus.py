@@ -10,7 +10,6 @@ padded to whole tiles (reads clamped), and only the last tile's stores are guard
 from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, te
-from structfx.lowering.converters import register_converter
 from structfx.lowering.ops.common import (
     OpRule,
     as_rows,
@@ -44,7 +43,6 @@ def maxplus_te(x: te.Tensor, idx: te.Tensor, w: te.Tensor, bias: te.Tensor | Non
     return te.compute((rows, n_out), lambda b, j: te.max(best[j, b], bias[j]), name=OUT)
 
 
-@register_converter("structfx::sparse_maxplus")
 def convert_maxplus(node, importer, target: Target):
     x, idx, w, bias = (None if a is None else importer.env[a] for a in node.args)
     rows, leading = as_rows(importer, x)

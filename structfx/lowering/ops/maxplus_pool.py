@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Schedule, Target, te, tirx
-from structfx.lowering.converters import register_converter
 from structfx.lowering.ops.common import OpRule, find_block
 from structfx.nn.maxplus_pool import pooled_size
 
@@ -30,7 +29,6 @@ def maxplus_pool_te(x: te.Tensor, se: te.Tensor, stride, padding, dilation, ceil
     return te.compute((n, c, oh, ow), window, name=POOL)
 
 
-@register_converter("structfx::maxplus_pool2d")
 def convert_maxplus_pool(node, importer, target: Target):
     x, se = importer.env[node.args[0]], importer.env[node.args[1]]
     stride, padding, dilation, ceil_mode = node.args[2:6]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from structfx.lowering.compat import Schedule, Target, relax, te, tirx
-from structfx.lowering.converters import register_converter
 from structfx.lowering.ops.common import (
     OpRule,
     as_rows,
@@ -106,7 +105,6 @@ def _stage(h, l: int, self_coef, other_coef, partner, width: int):
     return te.compute(h.shape, mix, name=stage_name(l))
 
 
-@register_converter("structfx::spm")
 def convert_spm(node, importer, target: Target):
     x, d_in, coeffs, d_out, bias = (None if a is None else importer.env[a] for a in node.args[:5])
     variant, pairing, seed, out_features = node.args[5:9]

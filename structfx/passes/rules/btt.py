@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from torch import nn
 
 from structfx.nn import BTTLinear
-from structfx.passes.registry import register_rule
+from structfx.passes.cost import LayerCost
 from structfx.passes.rules.base import Rule, check_at_least
 from structfx.passes.rules.placement import placed, site_placement
 from structfx.passes.sites import Site, dense_parameters
@@ -28,7 +28,6 @@ class BTT(Rule):
         check_at_least(self, "rank", 1)
 
 
-@register_rule(BTT)
 def dense_to_btt(rule: BTT, site: Site) -> nn.Module:
     weight, bias = dense_parameters(site.module)
     site_placement(site)  # refuses dtypes structfx layers do not compute in
@@ -39,3 +38,14 @@ def dense_to_btt(rule: BTT, site: Site) -> nn.Module:
     if bias is not None:
         layer.bias.data.copy_(bias)
     return placed(layer, site)
+
+
+def btt_cost(layer: BTTLinear) -> LayerCost:
+    """r (n0 n_in + m1 n_out) multiply-adds per row, on the padded sizes."""
+    m0, m1, n0, n1 = layer.blocks
+    notes = []
+    if layer.padded_in != layer.in_features:
+        notes.append(f"in {layer.in_features}->{layer.padded_in}")
+    if layer.padded_out != layer.out_features:
+        notes.append(f"out {layer.out_features}->{layer.padded_out}")
+    return LayerCost(layer.rank * (n0 * layer.padded_in + m1 * layer.padded_out), ", ".join(notes))

@@ -9,7 +9,8 @@ from torch import nn
 
 from structfx.errors import StructfxError
 from structfx.nn import ChannelMaxPlus, SparseMaxPlus
-from structfx.passes.registry import SkipSite, register_rule
+from structfx.passes.cost import LayerCost
+from structfx.passes.registry import SkipSite
 from structfx.passes.rules.base import Rule, check_at_least
 from structfx.passes.rules.placement import placed
 from structfx.passes.sites import Site
@@ -30,7 +31,6 @@ class MaxPlus(Rule):
         check_at_least(self, "k", 1)
 
 
-@register_rule(MaxPlus)
 def relu_to_maxplus(rule: MaxPlus, site: Site) -> nn.Module:
     """A ReLU mixes its input's channel axis (``site.channel_axis``, from the producer): dim 1 of a feature
     map (N, C, *spatial) becomes a ChannelMaxPlus, the last dim a SparseMaxPlus."""
@@ -48,3 +48,8 @@ def relu_to_maxplus(rule: MaxPlus, site: Site) -> nn.Module:
         )
     layer_type = SparseMaxPlus if axis == len(shape) - 1 else ChannelMaxPlus
     return placed(layer_type(features, features, rule.k, init=rule.init, generator=rule.generator(site)), site)
+
+
+def maxplus_cost(layer: SparseMaxPlus) -> LayerCost:
+    """k add-max pairs per output and feature vector."""
+    return LayerCost(layer.k * layer.out_features)

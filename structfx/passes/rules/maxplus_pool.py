@@ -9,7 +9,8 @@ from torch import nn
 
 from structfx.errors import StructfxError
 from structfx.nn import MaxPlusPool2d
-from structfx.passes.registry import SkipSite, register_rule
+from structfx.passes.cost import LayerCost
+from structfx.passes.registry import SkipSite
 from structfx.passes.rules.base import Rule
 from structfx.passes.rules.placement import placed
 from structfx.passes.sites import Site
@@ -24,7 +25,6 @@ class MaxPlusPool(Rule):
     kind: ClassVar = "pool"
 
 
-@register_rule(MaxPlusPool)
 def pool_to_maxplus(rule: MaxPlusPool, site: Site) -> nn.Module:
     if isinstance(site.module, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):
         raise SkipSite("adaptive pool: its window depends on the input size, so no fixed max-plus window "
@@ -36,3 +36,8 @@ def pool_to_maxplus(rule: MaxPlusPool, site: Site) -> nn.Module:
     except StructfxError as e:
         raise SkipSite(str(e)) from e
     return placed(layer, site)
+
+
+def pool_cost(layer: MaxPlusPool2d) -> LayerCost:
+    """One add-max pair per window position and output."""
+    return LayerCost(layer.se[0].numel())

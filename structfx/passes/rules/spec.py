@@ -1,18 +1,14 @@
-"""Rules from a command-line string: ``"btt:rank=1,maxplus:k=2"`` (rules by comma, fields by colon)."""
+"""Rules from a command-line string: ``"btt:rank=1,maxplus:k=2"`` (rules by comma, fields by colon); the
+names are the registered ops' (``structfx.registry``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 
+from structfx import registry
 from structfx.errors import StructfxError
 from structfx.passes.rules.base import Rule
-from structfx.passes.rules.btt import BTT
-from structfx.passes.rules.maxplus import MaxPlus
-from structfx.passes.rules.maxplus_pool import MaxPlusPool
-from structfx.passes.rules.spm import SPM
-
-NAMES: dict[str, type[Rule]] = {"btt": BTT, "spm": SPM, "maxplus": MaxPlus, "maxplus_pool": MaxPlusPool}
 
 
 def parse_rules(text: str) -> list[Rule]:
@@ -24,9 +20,7 @@ def parse_rules(text: str) -> list[Rule]:
 
 def _parse_one(text: str) -> Rule:
     name, *assignments = text.split(":")
-    rule_type = NAMES.get(name.lower())
-    if rule_type is None:
-        raise StructfxError(f"unknown rule {name!r}; use one of: {', '.join(NAMES)}")
+    rule_type = registry.spec_named(name).load("rule")  # raises, listing the names, for an unknown one
     fields = {f.name: f for f in dataclasses.fields(rule_type)}
     hints = typing.get_type_hints(rule_type)
     values = {}

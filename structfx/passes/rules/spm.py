@@ -11,7 +11,7 @@ from torch import nn
 
 from structfx.nn import SPMLinear
 from structfx.nn.fitting import FitJob, fit_many
-from structfx.passes.registry import register_prefit, register_rule
+from structfx.passes.cost import LayerCost
 from structfx.passes.rules.base import Rule, check_at_least
 from structfx.passes.rules.placement import placed, site_placement
 from structfx.passes.sites import Site, dense_parameters
@@ -44,7 +44,6 @@ class SPM(Rule):
         check_at_least(self, "fit_steps", 0, " (0 keeps the random init)")
 
 
-@register_prefit(SPM)
 def fit_together(rule: SPM, sites: list[Site]) -> None:
     jobs = [_fit_job(rule, site) for site in sites]
     fit_many(jobs, rule.fit_steps, LEARNING_RATE, rule.progress)
@@ -52,7 +51,6 @@ def fit_together(rule: SPM, sites: list[Site]) -> None:
         _FITTED[site.module] = (rule, job.layer)
 
 
-@register_rule(SPM)
 def dense_to_spm(rule: SPM, site: Site) -> nn.Module:
     fitted = _FITTED.pop(site.module, None)
     if fitted is not None and fitted[0] == rule:
@@ -74,3 +72,9 @@ def _fit_job(rule: SPM, site: Site) -> FitJob:
         extra = torch.randn(weight.shape[1] - len(inputs), weight.shape[1], generator=generator) * inputs.std()
         inputs = torch.cat([inputs, extra])  # too few rows would let the fit overfit a few directions
     return FitJob(layer, weight.detach(), None if bias is None else bias.detach(), inputs, generator)
+
+
+def spm_cost(layer: SPMLinear) -> LayerCost:
+    """2 N L multiply-adds per row (N the width, L the stages)."""
+    width = max(layer.in_features, layer.out_features)
+    return LayerCost(2 * layer.width * layer.stages, "" if layer.width == width else f"width {width}->{layer.width}")
