@@ -48,6 +48,8 @@ def _(x, shift, floor):
 class ShiftedFloor(nn.Module):
     """x (..., features) -> max(x + shift, floor), elementwise over the last dim."""
 
+    channel_dim: ClassVar[int] = -1
+
     def __init__(self, features: int) -> None:
         super().__init__()
         self.features = features

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,8 @@ class BTTLinear(nn.Module):
     Sizes without a near-square factorisation are padded (inputs with zeros, outputs sliced off):
     ``padded_in``/``padded_out`` say by how much.
     """
+
+    channel_dim: ClassVar[int] = -1  # of the output, (..., features): the features (structfx.passes.axes)
 
     def __init__(self, in_features: int, out_features: int, rank: int = 1, bias: bool = True,
                  generator: torch.Generator | None = None) -> None:

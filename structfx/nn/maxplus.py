@@ -7,7 +7,7 @@ slice per t, so memory is O(B * n_out), never the paper's (B, n_out, n_in) broad
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +112,8 @@ class SparseMaxPlus(nn.Module):
     (needs in == out and a bias): exactly ``ReLU`` at construction.
     """
 
+    channel_dim: ClassVar[int] = -1  # of the output, (..., features): the features (structfx.passes.axes)
+
     def __init__(
         self,
         in_features: int,
@@ -204,6 +206,8 @@ class ChannelMaxPlus(SparseMaxPlus):
     What replaces a ReLU on a conv feature map: with init="relu" it is exactly that ReLU, down to the
     output's memory format (contiguous in, contiguous out; channels-last in, channels-last out).
     """
+
+    channel_dim: ClassVar[int] = 1  # of the output, (N, C, ...): the channels (structfx.passes.axes)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 3 or x.shape[1] != self.in_features:

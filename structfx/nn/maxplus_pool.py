@@ -7,6 +7,8 @@ the max-plus papers (they keep max pooling): morphological dilation, per channel
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -107,6 +109,8 @@ class MaxPlusPool2d(nn.Module):
 
     Same geometry arguments as ``nn.MaxPool2d``; ``se`` starts at 0, which is exactly max pooling.
     """
+
+    channel_dim: ClassVar[int] = 1  # of the output, (N, C, ...): the channels (structfx.passes.axes)
 
     def __init__(
         self,

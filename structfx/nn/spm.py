@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -157,6 +157,8 @@ class SPMLinear(nn.Module):
     ``y = (D_out B_L ... B_1 D_in pad(x))[:out_features] + b``; stages=None means log2 N for the butterfly
     and the fewest that connect every output to every input for "random" pairing.
     """
+
+    channel_dim: ClassVar[int] = -1  # of the output, (..., features): the features (structfx.passes.axes)
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from structfx import registry
 from structfx.passes.sites import default_channel_axis, module_kind
 
 _CHANNELS_FIRST_MODULES = (
@@ -34,15 +35,14 @@ _ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Dropout, nn.Identity, nn.T
 
 
 def axis_of_module_output(module: nn.Module | None, ndim: int) -> int | None:
-    """The channel dim of ``module``'s output of rank ``ndim``, or None when the module does not say."""
-    from structfx.nn import BTTLinear, ChannelMaxPlus, MaxPlusPool2d, SparseMaxPlus, SPMLinear
-
+    """The channel dim of ``module``'s output of rank ``ndim``, or None when the module does not say.
+    A registered op's layer says it itself, in its class attribute ``channel_dim`` (1 or -1), if it has one."""
     if module is None:
         return None
-    if isinstance(module, (*_CHANNELS_FIRST_MODULES, ChannelMaxPlus, MaxPlusPool2d)) and ndim >= 2:
+    own = getattr(module, "channel_dim", None) if isinstance(module, registry.layer_types()) else None
+    if (own == 1 or isinstance(module, _CHANNELS_FIRST_MODULES)) and ndim >= 2:
         return 1
-    channels_last = (*_CHANNELS_LAST_MODULES, BTTLinear, SPMLinear, SparseMaxPlus)
-    if isinstance(module, channels_last) or module_kind(module) == "dense":
+    if own == -1 or isinstance(module, _CHANNELS_LAST_MODULES) or module_kind(module) == "dense":
         return ndim - 1
     return None
 
