@@ -12,11 +12,14 @@ from typing import Annotated
 
 import typer
 
+from structfx import registry
 from structfx.errors import StructfxError
 
 app = typer.Typer(help="Structured replacements for PyTorch layers, compiled with TVM.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 TARGETS = "'llvm' (this CPU), 'cuda' (this machine's GPU) or 'cuda -arch=sm_90' (any machine)"
+RULES = ("NAME[:FIELD=VALUE...] by commas, e.g. 'btt:rank=1,maxplus:k=2'; NAME one of "
+         + ", ".join(spec.name for spec in registry.specs()))
 
 
 def user_errors(command):
@@ -77,7 +80,7 @@ def load_builder(spec: str):
 def compile_command(
     builder: Annotated[str, typer.Argument(help="MODULE.py:FUNCTION returning (model, example_inputs)")],
     out: Annotated[Path, typer.Option(help="artifact directory to write")],
-    rules: Annotated[str, typer.Option(help="e.g. 'btt:rank=1,maxplus:k=2'; '' compiles the model as it is")] = "",
+    rules: Annotated[str, typer.Option(help=f"{RULES}; '' compiles the model as it is")] = "",
     target: Annotated[str, typer.Option(help=TARGETS)] = "llvm",
     database: Annotated[Path | None, typer.Option(help="a tuning database from 'structfx tune'")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing artifact directory")] = False,
@@ -101,7 +104,7 @@ def tune(
     database: Annotated[Path, typer.Option(help="tuning database directory (made, or continued)")],
     trials: Annotated[int, typer.Option(min=1, help="measurements per kernel, the hand schedule's included")] = 64,
     target: Annotated[str, typer.Option(help=TARGETS)] = "llvm",
-    rules: Annotated[str, typer.Option(help="transform first, e.g. 'btt:rank=1,maxplus:k=2'")] = "",
+    rules: Annotated[str, typer.Option(help=f"transform first: {RULES}")] = "",
     rpc: Annotated[str | None, typer.Option(help="TVM RPC tracker HOST:PORT to measure on")] = None,
     key: Annotated[str | None, typer.Option(help="the RPC servers' key at the tracker")] = None,
 ) -> None:

@@ -69,6 +69,8 @@ class OpSpec:
     prefit: Ref | None = None
 
     def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name != self.name.lower():
+            raise StructfxError(f"op name {self.name!r} must be a lower-case identifier (the CLI spells it)")
         namespace, _, op = self.custom_op.partition("::")
         if not namespace or not op:
             raise StructfxError(f"op {self.name!r}: custom_op={self.custom_op!r} is not 'namespace::name'")
@@ -88,6 +90,9 @@ class OpSpec:
         return None if value is None else resolve(value, f"{self.name}.{part}")
 
 
+_RESOLVED: dict[str, object] = {}  # "module:attribute" -> the object (the tracer asks per module call)
+
+
 def resolve(ref: Ref, where: str = "") -> object:
     """``"package.module:attribute"`` imported, anything else as it is.
 
@@ -95,13 +100,17 @@ def resolve(ref: Ref, where: str = "") -> object:
     """
     if not isinstance(ref, str):
         return ref
+    if ref in _RESOLVED:
+        return _RESOLVED[ref]
     module_name, sep, attribute = ref.partition(":")
     if not sep or not attribute:
         raise StructfxError(f"{where}: {ref!r} is not 'package.module:attribute'")
     try:
-        return getattr(importlib.import_module(module_name), attribute)
+        value = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
         raise StructfxError(f"{where}: cannot import {ref!r}: {e}") from e
+    _RESOLVED[ref] = value
+    return value
 
 
 def ref_name(ref: Ref) -> str:
@@ -121,16 +130,22 @@ def _load_builtins() -> None:
 
 
 def register_op(spec: OpSpec) -> OpSpec:
-    """Add an op. Raises StructfxError when its name or its custom op's name is registered already."""
+    """Add an op. Raises StructfxError when its name, its custom op's name (TVM keys converters by it)
+    or the class name of its rule or a layer (``structfx`` exports them by it) is registered already."""
     _load_builtins()
+    names = {spec.name, spec.op_name, *_class_names(spec)}
     for other in _SPECS.values():
-        if spec.name == other.name or spec.op_name == other.op_name:
+        if names & {other.name, other.op_name, *_class_names(other)}:
             raise StructfxError(
                 f"op {spec.name!r} ({spec.custom_op}) clashes with the registered op {other.name!r} "
-                f"({other.custom_op}): names and custom op names must be unique"
+                f"({other.custom_op}): names, custom op names and rule and layer class names must be unique"
             )
     _SPECS[spec.name] = spec
     return spec
+
+
+def _class_names(spec: OpSpec) -> list[str]:
+    return [ref_name(spec.rule), *map(ref_name, spec.layers)]
 
 
 def unregister_op(name: str) -> None:

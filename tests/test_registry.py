@@ -207,6 +207,9 @@ def test_a_name_or_custom_op_registered_twice_is_refused():
         registry.register_op(registry.OpSpec(**{**vars(TOY), "name": "btt"}))
     with pytest.raises(StructfxError, match="clashes with the registered op 'spm'"):
         registry.register_op(registry.OpSpec(**{**vars(TOY), "custom_op": "other::spm"}))
+    with pytest.raises(StructfxError, match="clashes with the registered op 'btt'"):
+        registry.register_op(registry.OpSpec(**{**vars(TOY), "layers": ("mine:BTTLinear",)}))
+    assert TOY not in registry.specs()
 
 
 def test_every_built_in_part_resolves():
@@ -217,3 +220,19 @@ def test_every_built_in_part_resolves():
             assert spec.load(part) is not None or part == "prefit"
         assert all(issubclass(rule, OpRule) for rule in spec.load("schedules"))
         assert {rule.target_kind for rule in spec.load("schedules")} == {"llvm", "cuda"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "Toy-Floor"}, "must be a lower-case identifier"),
+    ({"custom_op": "toy_floor"}, "is not 'namespace::name'"),
+    ({"cases": ()}, "needs at least one layer and one test case"),
+])
+def test_a_malformed_registration_is_refused(change, message):
+    with pytest.raises(StructfxError, match=message):
+        registry.OpSpec(**{**vars(TOY), **change})
+
+
+def test_a_misspelt_part_names_itself():
+    spec = registry.OpSpec(**{**vars(TOY), "cost": "structfx.passes.rules.btt:no_such_cost"})
+    with pytest.raises(StructfxError, match="toy_floor.cost: cannot import 'structfx.passes.rules.btt:no_such_cost'"):
+        spec.load("cost")
