@@ -1,9 +1,11 @@
 """The layers survive torch.export as ONE structfx node each, and run under torch.compile."""
 
+import pytest
 import torch
 from torch import nn
 
 from structfx.nn import BTTLinear, MaxPlusPool2d, SparseMaxPlus, SPMLinear
+from tests.cases import CASES
 
 
 def _structfx_targets(exported) -> list[str]:
@@ -23,6 +25,13 @@ def test_export_keeps_one_node_per_layer():
         "structfx.sparse_maxplus.default",
         "structfx.spm.default",
     ]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_each_case_exports_as_the_custom_op_its_registration_names(case):
+    """The registration's ``custom_op`` (what the converter is keyed by) is the op the layer calls."""
+    exported = torch.export.export(case.make().float(), (case.inputs(3).float(),))
+    assert _structfx_targets(exported) == [case.spec.custom_op.replace("::", ".") + ".default"]
 
 
 def test_export_pool_and_symbolic_batch():
