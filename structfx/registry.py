@@ -44,7 +44,9 @@ class OpSpec:
 
     - ``name``: the rule's name on the command line (``structfx compile --rules btt:rank=1``).
     - ``custom_op``: its ``torch.library`` op, ``"namespace::name"``; the converter is keyed by it.
-    - ``layers``: the ``nn.Module`` classes computing it (tracer leaves, cost); cases build the first.
+    - ``layers``: the ``nn.Module`` classes computing it (tracer leaves, cost); cases build the first. Each
+      says where its output's channels are in a class attribute ``channel_dim`` (1 or -1), which the
+      channel axis of a ReLU after it is read from (``structfx.passes.axes``).
     - ``rule``: the transform rule, a frozen ``structfx.passes.Rule`` dataclass.
     - ``build``: ``build(rule, site) -> nn.Module``, the replacement for one site (raise
       ``structfx.passes.registry.SkipSite`` to leave it, with the reason).
