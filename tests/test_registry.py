@@ -154,6 +154,7 @@ def test_transform_and_report_use_the_registration(toy):
     assert (row.ops_old, row.ops_new) == (96, 2 * 96)  # the toy's own cost
     assert row.error == 0.0  # exactly ReLU at its init
     assert StructfxTracer().is_leaf_module(layer, "toy")
+    assert sfx.ToyFloor is ToyFloor and sfx.nn.ShiftedFloor is ShiftedFloor and sfx.passes.ToyFloor is ToyFloor
 
 
 def test_compile_uses_the_converter_and_the_schedule_rule(toy):
@@ -195,6 +196,7 @@ def test_unregistered_it_is_gone_everywhere():
     registry.unregister_op(TOY.name)
     assert TOY not in registry.specs()
     assert ShiftedFloor not in registry.layer_types()
+    assert not hasattr(sfx, "ToyFloor") and not hasattr(sfx.nn, "ShiftedFloor")
     assert FloorCPU not in {type(rule) for rule in rules_for(Target({"kind": "llvm"}))}
     with pytest.raises(StructfxError, match="unknown rule 'toy_floor'; use one of: maxplus, maxplus_pool, spm, btt"):
         parse_rules("toy_floor")
