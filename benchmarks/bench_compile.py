@@ -3,9 +3,11 @@
 One run, fp32, 2 threads, B = 256, d in {1024, 4096}; medians of interleaved rounds. Also this machine's
 peak matmul GFLOP/s and copy bandwidth, measured by the same script, to read the kernels against, and
 the end-to-end model: 4 blocks Linear(2048, 8192) -> ReLU -> Linear(8192, 2048), transformed with
-BTT rank 1 + MaxPlus and compiled, against the original under torch.compile.
+BTT rank 1 + MaxPlus and compiled, against the original under torch.compile. Then BTT at small batches
+(1 and 16: the latency of one request), against its eager form and dense nn.Linear of the same size,
+each variant timed in its own block.
 
-    python benchmarks/bench_compile.py [--sizes 1024 4096] [--rounds 10] [--skip-end-to-end]
+    python benchmarks/bench_compile.py [--sizes 1024 4096] [--ops BTT] [--rounds 10] [--skip-end-to-end]
 """
 
 from __future__ import annotations
@@ -79,6 +81,23 @@ def bench_op(d: int, name: str, module: nn.Module, rounds: int, peak_gflops: flo
     )
 
 
+def bench_small_batch(d: int, name: str, module: nn.Module, batch: int, rounds: int) -> str:
+    """One row of the small-batch table: BTT compiled once (symbolic batch), timed at ``batch`` rows.
+    Each variant is timed in its own block (median of ``2 * rounds`` consecutive calls after warm-up):
+    at these sizes a call is shorter than the hand-over between TVM's and torch's thread pools, which
+    interleaved rounds would measure instead."""
+    dense = nn.Linear(d, d)
+    module.eval()
+    compiled = sfx.compile(module, torch.randn(BATCH, d))
+    x = torch.randn(batch, d)
+    with torch.no_grad():
+        variants = {"dense": lambda: dense(x), "eager": lambda: module(x), "structfx": lambda: compiled(x)}
+        times = {key: median_seconds(fn, warmup=5, repeat=2 * rounds) for key, fn in variants.items()}
+    ours = times["structfx"]
+    return (f"| {d} | {name} | {batch} | {ours * 1e3:.3f} | {times['eager'] * 1e3:.3f} | "
+            f"{times['dense'] * 1e3:.3f} | {times['eager'] / ours:.2f}x | {times['dense'] / ours:.2f}x |")
+
+
 def end_to_end(rounds: int) -> str:
     blocks = [nn.Sequential(nn.Linear(2048, 8192), nn.ReLU(), nn.Linear(8192, 2048)) for _ in range(4)]
     model = nn.Sequential(*blocks).eval()
@@ -98,6 +117,8 @@ def end_to_end(rounds: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--ops", nargs="+", help="run only the ops whose name starts with one of these")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batches of the BTT latency table")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
@@ -111,7 +132,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for d in args.sizes:
         for name, module in layers(d).items():
-            print(bench_op(d, name, module, args.rounds, peak, copy), flush=True)
+            if not args.ops or name.startswith(tuple(args.ops)):
+                print(bench_op(d, name, module, args.rounds, peak, copy), flush=True)
+    print("\n| d | op | batch | structfx ms | eager ms | dense nn.Linear ms | vs eager | vs dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in args.sizes:
+        for name in ("BTT r=1", "BTT r=4"):
+            for batch in args.batches:
+                print(bench_small_batch(d, name, layers(d)[name], batch, args.rounds), flush=True)
     if not args.skip_end_to_end:
         print("\n| model | original, torch.compile ms | transformed + structfx.compile ms | speed-up |")
         print("|---|---|---|---|")

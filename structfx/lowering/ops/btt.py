@@ -28,12 +28,14 @@ from structfx.lowering.ops.common import (
 STAGE1, STAGE2, OUT = "structfx_btt_stage1", "structfx_btt_stage2", "structfx_btt_out"
 ROW_TILE = 32  # rows per parallel task
 REGISTER_ROWS = 2  # rows of the register accumulator tile
+ROW_PAD = 4  # rows are computed in multiples of this: the largest register tile that tuning tries
 VECTORS = 4  # vectors of columns in the register accumulator tile
 
 
-def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None, tile: int = ROW_TILE) -> te.Tensor:
+def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None, tile: int = ROW_PAD) -> te.Tensor:
     """x (B, m1, m0), w1 (m1, m0, r n0), w2 (n0, r m1, n1), bias (n0, n1) -> (B, n0, n1). Both stages
-    run on B rounded up to ``tile`` rows (input reads clamped), so the row tiles split exactly."""
+    run on B rounded up to ``tile`` rows (input reads clamped), so register tiles of up to ``tile`` rows
+    split them exactly; the padded rows are never stored."""
     rows, m1, m0 = x.shape
     n0, rm1, n1 = w2.shape
     rank = rm1 // m1
@@ -70,7 +72,7 @@ def convert_btt(node, importer, target: Target):
         if out_features < n0 * n1:
             bias = bb.emit(relax.op.nn.pad(bias, [0, n0 * n1 - out_features]))
         bias = bb.emit(relax.op.reshape(bias, [n0, n1]))
-    tile = ROW_TILE if target.kind.name == "llvm" else GPU_ROWS
+    tile = ROW_PAD if target.kind.name == "llvm" else GPU_ROWS
     y = bb.emit_te(btt_te, x3, w1, w2, bias, tile, primfunc_name_hint="structfx_btt")
     y = bb.emit(relax.op.reshape(y, [batch, n0 * n1]))
     if out_features < n0 * n1:
@@ -79,9 +81,11 @@ def convert_btt(node, importer, target: Target):
 
 
 class BTTCPU(OpRule):
-    """Two parallel batched matmuls over tiles of ROW_TILE rows. Each keeps a (REGISTER_ROWS x VECTORS
-    vectors) accumulator tile in registers and sweeps its row tile with one weight block in L1, so each
-    weight load serves the whole tile. (Stage 1 computed inside stage 2's row tile was no faster here.)"""
+    """Two parallel batched matmuls over tasks of up to ROW_TILE rows. Each keeps a (REGISTER_ROWS x
+    VECTORS vectors) accumulator tile in registers and sweeps its task's rows with one weight block in
+    L1, so each weight load serves all of them. The rows are padded to ROW_PAD only: the last task stops
+    at the batch's last register tile (a predicate on the tile loop), so a batch of 1 computes 4 rows,
+    not ROW_TILE. (Stage 1 computed inside stage 2's row tile was no faster here.)"""
 
     has_knobs = True
 
@@ -98,8 +102,10 @@ class BTTCPU(OpRule):
         b, c, i1, i0 = sch.get_loops(stage1)
         b_outer, b_mid, b_inner = sch.split(b, [None, *self._row_tile(sch, tunable)])
         c_outer, c_inner = split_tile(sch, c, width1, knob(sch, VECTORS * lanes, vectors, tunable, extent=width1))
-        sch.reorder(b_outer, i1, *present(c_outer), b_mid, i0, b_inner, c_inner)
-        sch.parallel(b_outer)  # not fused with i1: threads would share the cache lines of z's rows
+        sch.reorder(b_outer, *present(c_outer), i1, b_mid, i0, b_inner, c_inner)
+        # tasks over (row tile, column tile), which own separate rows of z; not over i1, whose threads
+        # would share z's cache lines. The column tiles keep both threads busy at a batch of 1.
+        sch.parallel(sch.fuse(b_outer, c_outer) if c_outer is not None else b_outer)
         _register_tile(sch, stage1, b_mid, b_inner, c_inner, i0)
 
         b, j0, j1 = sch.get_loops(out)
