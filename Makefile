@@ -21,9 +21,10 @@ $(VENV)/.installed-%: pyproject.toml setup.py $(BASE)
 demo: $(VENV)/.installed-demo
 	$(BIN)/structfx demo
 
+# two pytest workers (pytest-xdist): most of the suite is single-threaded TVM builds, so CI's 2 cores both work
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench_layers.py
