@@ -2,7 +2,7 @@
 
 The whole model is traced when it can be. Where symbolic tracing fails (data-dependent control flow, the
 common case in transformers models), each child is traced on its own, recursively, and leaf layers that
-no trace reaches are swapped as modules (ReLU calls in such a forward made modules first: functional.py);
+no trace reaches are swapped as modules (ReLU and F.linear calls in such a forward made modules first: functional.py);
 the report names every part that fell back and why. Every rewritten region is proven to compute what it
 did, bit for bit, with stand-ins of the original layers (standin.py, proof.py), or left as it was.
 """
@@ -22,7 +22,7 @@ from structfx.nn import InPlace
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
 from structfx.passes.axes import axis_of_module_output, channel_axis, resolved_axis
-from structfx.passes.functional import relu_calls_as_modules, restore
+from structfx.passes.functional import Rewritten, calls_as_modules
 from structfx.passes.keep import (
     direct_reads,
     owner_problem,
@@ -208,13 +208,13 @@ class _Rewriter:
         return gm
 
     def _fall_back(self, module: nn.Module, prefix: str, calls: list[Call], failure: TraceFailure) -> nn.Module:
-        """Children rewritten one by one (ReLU calls in the forward made children first); the module, run
-        with them, must still reproduce its calls, or it is left as it was."""
+        """Children rewritten one by one (ReLU and F.linear calls in the forward made children first); the
+        module, run with them, must still reproduce its calls, or it is left as it was."""
         mark = len(self.undo)
-        relus = self._relu_calls_as_modules(module, calls)
+        rewritten = self._calls_as_modules(module, prefix, calls)
         self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
         self._rewrite_children(module, prefix)
-        if relus and all(type(getattr(module, name)) is nn.ReLU for name in relus):
+        if rewritten is not None and rewritten.untouched():
             self.undo.pop(mark)()  # none of them replaced: the forward goes back to the class's own
         why = disproof(module, calls) if len(self.undo) > mark else None
         if why is not None:
@@ -224,22 +224,32 @@ class _Rewriter:
                 self.undo.pop()()
         return module
 
-    def _relu_calls_as_modules(self, module: nn.Module, calls: list[Call]) -> list[str]:
-        """Makes the ReLU calls in the module's forward child modules (functional.py), with their calls."""
-        if not any(rule.kind == "relu" for rule in self.rules):
-            return []
-        names = relu_calls_as_modules(module)
-        if names is None:
-            return []
+    def _calls_as_modules(self, module: nn.Module, prefix: str, calls: list[Call]) -> Rewritten | None:
+        """Makes the ReLU and F.linear calls in the module's forward child modules (functional.py), with
+        their calls; an F.linear call left alone gets its row."""
+        kinds = {rule.kind for rule in self.rules} & {"relu", "dense"}
+        rewritten = calls_as_modules(module, kinds) if kinds else None
+        if rewritten is None:
+            return None
+        dense_rule = next((type(rule).__name__ for rule in self.rules if rule.kind == "dense"), "")
+        for call, why in rewritten.unconverted:
+            self.rows.append(Row(f"{prefix}<{call}>", dense_rule, "skipped", why))
+        if not rewritten.children:
+            return None
         try:
             recorded, _ = replay(module, [(c.batch, c.args, c.kwargs) for c in calls])
-        except Exception:  # noqa: BLE001 - the rewritten forward fails: keep the original forward
-            restore(module, names)
-            return []
-        self.undo.append(lambda: restore(module, names))
-        for name in names:
-            self.calls[getattr(module, name)] = recorded.get(getattr(module, name), [])
-        return names
+        except Exception as e:  # noqa: BLE001 - the rewritten forward fails: keep the original forward
+            rewritten.undo()
+            why = f"not rewritten: the forward with its calls made modules fails ({type(e).__name__}: {e})"
+            for name, child in rewritten.children.items():
+                kind = "relu" if isinstance(child, nn.ReLU) else "dense"
+                rule = next(type(rule).__name__ for rule in self.rules if rule.kind == kind)
+                self.rows.append(Row(f"{prefix}{name}", rule, "skipped", why))
+            return None
+        self.undo.append(rewritten.undo)
+        for child in rewritten.children.values():
+            self.calls[child] = recorded.get(child, [])
+        return rewritten
 
     def _rewrite_children(self, module: nn.Module, prefix: str) -> nn.Module:
         for name, child in list(module.named_children()):
