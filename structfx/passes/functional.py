@@ -1,14 +1,15 @@
-"""ReLU and ``F.linear`` calls in a forward that cannot be traced: made into modules, so that the fallback
-can swap them.
+"""ReLU, ``F.linear`` and pool calls in a forward that cannot be traced: made into modules, so that the
+fallback can swap them.
 
 Symbolic tracing stops at data-dependent control flow (and is not tried on a part called with flags, see
 tracing.py), and the fallback swaps modules only: ``F.relu(x)``, ``torch.relu(x)``, ``x.relu()`` (and their
-in-place forms) and ``F.linear(x, self.weight, self.bias)`` written in such a forward would be lost. Here
-the forward's source is rewritten (Python's ``ast``) so that each of those calls becomes ``self.<name>(x)``
-on a new child: an ``nn.ReLU`` (``inplace=True`` for the in-place forms, which return their mutated input
-as the calls did), or an ``nn.Linear`` that takes over the module's own weight and bias parameters (the
-same tensors, moved under the new child; every call on one weight shares one child). The rest of the code,
-its control flow included, is untouched. The module keeps its class; only its ``forward`` is the
+in-place forms), ``F.linear(x, self.weight, self.bias)`` and ``F.max_pool2d(x, 2)`` (the pools of sites.py,
+their other arguments literals) written in such a forward would be lost. Here the forward's source is
+rewritten (Python's ``ast``) so that each of those calls becomes ``self.<name>(x)`` on a new child: an
+``nn.ReLU`` (``inplace=True`` for the in-place forms, which return their mutated input as the calls did),
+the pool's module, or an ``nn.Linear`` that takes over the module's own weight and bias parameters (the
+same tensors, moved under the new child; every call on one weight shares one child). The rest of the
+code, its control flow included, is untouched. The module keeps its class; only its ``forward`` is the
 rewritten one. The region is then proven like any other (proof.py).
 
 Forwards without source, decorated ones (the decorator would be lost) and calls with other arguments are
@@ -29,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.operator_schemas import normalize_function
 
-from structfx.passes.sites import RELU_FUNCTIONS, RELU_METHODS
+from structfx.passes.sites import POOL_FUNCTIONS, RELU_FUNCTIONS, RELU_METHODS
 
 LINEAR_FUNCTIONS = (F.linear,)
 
@@ -57,7 +59,7 @@ class Rewritten:
 
 
 def calls_as_modules(module: nn.Module, kinds: set[str]) -> Rewritten | None:
-    """Rewrites ``module.forward`` in place, making its calls of each kind in ``kinds`` ("relu", "dense")
+    """Rewrites ``module.forward`` in place, making its calls of each kind in ``kinds`` ("relu", "dense", "pool")
     children; None when there was nothing to rewrite (no call found, or a forward that cannot be rewritten).
     A result without children rewrote nothing, and lists the calls left alone."""
     function = type(module).forward
@@ -162,13 +164,16 @@ class _CallsAsModules(ast.NodeTransformer):
             argument = node.args[0] if node.args else next(k.value for k in node.keywords if k.arg == "input")
             name = self.by_parameters.get(names) or self._linear_child(*names)
             self.by_parameters[names] = name
-        else:
-            found = self._relu(node) if "relu" in self.kinds else None
-            if found is None:
-                return node
+        elif (found := self._relu(node) if "relu" in self.kinds else None) is not None:
             argument, inplace = found
             name = self._fresh_name("relu")
             self.added.append((name, nn.ReLU(inplace=inplace)))
+        elif (pool := self._pool(node) if "pool" in self.kinds else None) is not None:
+            argument, module = pool
+            name = self._fresh_name("pool")
+            self.added.append((name, module))
+        else:
+            return node
         call = ast.Call(ast.Attribute(ast.Name(self.self_name, ast.Load()), name, ast.Load()), [argument], [])
         return ast.copy_location(call, node)
 
@@ -199,6 +204,26 @@ class _CallsAsModules(ast.NodeTransformer):
         ):
             return node.func.value, RELU_METHODS[node.func.attr]
         return None
+
+    def _pool(self, node: ast.Call) -> tuple[ast.expr, nn.Module] | None:
+        """(the tensor argument, the equivalent pool module) for a functional pool whose other arguments are
+        all literals, else None."""
+        target = self._resolve(node.func)
+        if target not in POOL_FUNCTIONS or not node.args or any(isinstance(a, ast.Starred) for a in node.args):
+            return None
+        try:
+            args = [ast.literal_eval(a) for a in node.args[1:]]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        except ValueError:  # an argument computed at run time
+            return None
+        if None in kwargs:
+            return None
+        normalized = normalize_function(target, (None, *args), kwargs, normalize_to_only_use_kwargs=True)
+        if normalized is None:
+            return None
+        literal = dict(normalized.kwargs)
+        literal.pop("input")
+        return node.args[0], POOL_FUNCTIONS[target](literal)
 
     def _resolve(self, expression: ast.expr) -> object | None:
         """The object a dotted name (``F.relu``, ``torch.nn.functional.relu``) names in the forward's module."""

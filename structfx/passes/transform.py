@@ -1,8 +1,9 @@
 """``structfx.transform``: put structured layers into a copy of a model, on torch.fx graphs.
 
 The whole model is traced when it can be. Where symbolic tracing fails (data-dependent control flow, the
-common case in transformers models), each child is traced on its own, recursively, and leaf layers that
-no trace reaches are swapped as modules (ReLU and F.linear calls in such a forward made modules first: functional.py);
+common case in transformers models) or is not tried (a part called with flags, tracing.py), each child is
+traced on its own, recursively, and leaf layers that no trace reaches are swapped as modules (ReLU,
+F.linear and pool calls in such a forward made modules first: functional.py);
 the report names every part that fell back and why. Every rewritten region is proven to compute what it
 did, bit for bit, with stand-ins of the original layers (standin.py, proof.py), or left as it was.
 """
@@ -208,7 +209,7 @@ class _Rewriter:
         return gm
 
     def _fall_back(self, module: nn.Module, prefix: str, calls: list[Call], failure: TraceFailure) -> nn.Module:
-        """Children rewritten one by one (ReLU and F.linear calls in the forward made children first); the
+        """Children rewritten one by one (ReLU, F.linear and pool calls in the forward made children first); the
         module, run with them, must still reproduce its calls, or it is left as it was."""
         mark = len(self.undo)
         rewritten = self._calls_as_modules(module, prefix, calls)
@@ -225,9 +226,9 @@ class _Rewriter:
         return module
 
     def _calls_as_modules(self, module: nn.Module, prefix: str, calls: list[Call]) -> Rewritten | None:
-        """Makes the ReLU and F.linear calls in the module's forward child modules (functional.py), with
+        """Makes the ReLU, F.linear and pool calls in the module's forward child modules (functional.py), with
         their calls; an F.linear call left alone gets its row."""
-        kinds = {rule.kind for rule in self.rules} & {"relu", "dense"}
+        kinds = {rule.kind for rule in self.rules}
         rewritten = calls_as_modules(module, kinds) if kinds else None
         if rewritten is None:
             return None
@@ -242,7 +243,7 @@ class _Rewriter:
             rewritten.undo()
             why = f"not rewritten: the forward with its calls made modules fails ({type(e).__name__}: {e})"
             for name, child in rewritten.children.items():
-                kind = "relu" if isinstance(child, nn.ReLU) else "dense"
+                kind = "relu" if isinstance(child, nn.ReLU) else "dense" if isinstance(child, nn.Linear) else "pool"
                 rule = next(type(rule).__name__ for rule in self.rules if rule.kind == kind)
                 self.rows.append(Row(f"{prefix}{name}", rule, "skipped", why))
             return None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import structfx as sfx
-from structfx.nn import BTTLinear, SparseMaxPlus
+from structfx.nn import BTTLinear, ChannelMaxPlus, MaxPlusPool2d, SparseMaxPlus
 from tests.passes.field.field_b import leaves, relative, transformed
 
 EXACT = [sfx.BTT(rank=10**6), sfx.MaxPlus(k=2)]
@@ -155,6 +155,30 @@ def test_bool_and_int_flags_in_control_flow():
         for residual in (True, False):
             for steps in (0, 1, 3):
                 _assert_close(result(x, residual, steps), model(x, residual, steps))
+
+
+class ConvPooled(nn.Module):
+    """Functional ReLU and max pool behind a bool flag, on a model that traces whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, pool: bool = True):
+        h = F.relu(self.conv(x))
+        if pool:
+            h = F.max_pool2d(h, 2, stride=2)
+        return h.flatten(1)
+
+
+def test_functional_relus_and_pools_behind_a_flag_are_replaced():
+    torch.manual_seed(0)
+    model, x = ConvPooled(), _x(2, 3, 8, 8)
+    result = transformed(model, [sfx.MaxPlus(min_features=1), sfx.MaxPlusPool(min_features=1)], (x,))
+    assert isinstance(result.relu, ChannelMaxPlus) and isinstance(result.pool, MaxPlusPool2d)
+    with torch.no_grad():
+        for pool in (True, False, True):
+            assert torch.equal(result(x, pool), model(x, pool))  # init="relu" and se = 0: bit for bit
 
 
 def _tiny_bert():
