@@ -118,6 +118,19 @@ def test_a_string_flag_takes_its_own_path_on_every_call(example_mode):
             result(x, "c")
 
 
+def test_layers_only_another_flag_reaches_are_replaced_when_calibration_takes_that_path():
+    torch.manual_seed(0)
+    model, x = Modes(), _x(8, 64)
+    alone = transformed(model, EXACT, (x, "a"))
+    row = next(r for r in sfx.report(alone).rows if r.name == "b")
+    assert type(alone.b) is nn.Linear and "never called" in row.reason
+    result = transformed(model, EXACT, (x, "a"), calibration=[(x, "b"), (x, "a")])
+    assert isinstance(result.b, BTTLinear) and _count(result, SparseMaxPlus) == 2
+    with torch.no_grad():
+        for mode in ("a", "b"):
+            _assert_close(result(x, mode), model(x, mode))
+
+
 def test_a_flag_path_runs_the_same_replacements_as_the_model_with_them_swapped_in():
     """Low rank (not exact): the other path computes what the model with the same BTTs put in by name does."""
     torch.manual_seed(0)
