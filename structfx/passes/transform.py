@@ -308,7 +308,10 @@ class _Rewriter:
         calls = self.calls.get(site.module, [])
         inputs = [c.args[0] for c in calls if c.args and isinstance(c.args[0], Tensor)]
         if not calls:
-            problem = "never called as a module (its parent uses it some other way, e.g. reads its weight)"
+            problem = (
+                "never called as a module on the recorded inputs (a path they did not take, or its parent uses "
+                "it some other way, e.g. reads its weight)"
+            )
         elif len(inputs) < len(calls):
             problem = "called without a tensor as its first argument"
         else:
