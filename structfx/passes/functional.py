@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import builtins
 import inspect
+import sys
 import textwrap
 import types
 from collections import Counter
@@ -77,16 +78,18 @@ def calls_as_modules(module: nn.Module, kinds: set[str]) -> Rewritten | None:
     rewriter.visit(definition)
     if not rewriter.added:  # the forward stays the class's own: only what was left alone, and why
         return Rewritten(module, {}, dict(module._parameters), rewriter.unconverted) if rewriter.unconverted else None
+    free = dict(zip(function.__code__.co_freevars, (c.cell_contents for c in function.__closure__ or ())))
+    free.setdefault("__class__", type(module))
     try:
-        new_forward = _compiled(tree, function, type(module))
-    except (SyntaxError, ValueError, TypeError, NameError):  # e.g. a closure over something no longer there
+        new_forward = RewrittenForward(module, ast.unparse(tree), function.__module__, free)
+    except (SyntaxError, ValueError, TypeError, NameError, KeyError):  # e.g. globals no longer importable
         return None
     rewritten = Rewritten(module, dict(rewriter.added), dict(module._parameters), rewriter.unconverted)
     for name, child in rewriter.added:
         for parameter_name in rewriter.moved.get(name, ()):
             del module._parameters[parameter_name]
         module.add_module(name, child)
-    module.forward = types.MethodType(new_forward, module)
+    module.forward = new_forward
     return rewritten
 
 
@@ -244,18 +247,55 @@ class _CallsAsModules(ast.NodeTransformer):
         return name
 
 
-def _compiled(tree: ast.Module, function: types.FunctionType, owner: type) -> types.FunctionType:
-    """The rewritten function, with the original's globals and closure (``__class__`` for ``super()``)."""
-    free = [name for name in function.__code__.co_freevars if name != "__class__"]
-    values = dict(zip(function.__code__.co_freevars, (c.cell_contents for c in function.__closure__ or ())))
+class RewrittenForward:
+    """``module.forward`` after the rewrite, called as the bound method it replaces (same signature).
+
+    Pickled and deep-copied as its source, the name of the Python module whose globals it reads and its
+    closure's values, and compiled again from them, so that a saved and loaded model keeps its rewritten
+    calls (a bound method would pickle as the class's own forward, silently dropping them).
+    """
+
+    def __init__(self, module: nn.Module, source: str, namespace: str, free: dict[str, object]) -> None:
+        self.module, self.source, self.namespace, self.free = module, source, namespace, free
+        self.function = _compiled(source, namespace, free)
+        self.__signature__ = inspect.signature(types.MethodType(self.function, module))
+
+    @property
+    def __func__(self) -> types.FunctionType:
+        return self.function
+
+    @property
+    def __self__(self) -> nn.Module:
+        return self.module
+
+    def __getattr__(self, name: str):
+        """The function's attributes (``__code__``, ``__name__``...), as a bound method gives them (tools
+        such as torch.export read them)."""
+        if name in ("function", "module"):  # not set yet (while unpickling)
+            raise AttributeError(name)
+        return getattr(self.function, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return RewrittenForward, (self.module, self.source, self.namespace, self.free)
+
+
+def _compiled(source: str, namespace: str, free: dict[str, object]) -> types.FunctionType:
+    """The rewritten function from its source, with the globals of the Python module ``namespace`` and the
+    closure ``free`` (``__class__`` for ``super()``)."""
+    definition = ast.parse(source).body[0]
+    names = list(free)
     factory = ast.FunctionDef(
         name="_structfx_factory",
-        args=ast.arguments(posonlyargs=[], args=[ast.arg("__class__"), *(ast.arg(n) for n in free)], kwonlyargs=[],
-                           kw_defaults=[], defaults=[]),
-        body=[tree.body[0], ast.Return(ast.Name(tree.body[0].name, ast.Load()))],
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in names], kwonlyargs=[], kw_defaults=[],
+                           defaults=[]),
+        body=[definition, ast.Return(ast.Name(definition.name, ast.Load()))],
         decorator_list=[], returns=None, type_params=[],
     )
-    module = ast.fix_missing_locations(ast.Module([factory], type_ignores=[]))
-    namespace = dict(function.__globals__)
-    exec(compile(module, f"<structfx: {owner.__qualname__}.forward, calls as modules>", "exec"), namespace)
-    return namespace["_structfx_factory"](values.get("__class__", owner), *(values[n] for n in free))
+    tree = ast.fix_missing_locations(ast.Module([factory], type_ignores=[]))
+    scope = dict(sys.modules[namespace].__dict__)
+    owner = free["__class__"]
+    exec(compile(tree, f"<structfx: {owner.__qualname__}.forward, calls as modules>", "exec"), scope)
+    return scope["_structfx_factory"](*free.values())

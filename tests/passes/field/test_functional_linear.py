@@ -5,6 +5,7 @@ calls that cannot be made one are kept and listed."""
 from __future__ import annotations
 
 import copy
+import io
 
 import torch
 import torch.nn.functional as F
@@ -159,3 +160,20 @@ def test_f_linear_whose_weight_a_helper_reads_is_taken_back():
     assert "AttributeError" in _rows(result)["linear"].reason
     with torch.no_grad():
         assert torch.equal(result(x), model(x))
+
+
+def test_a_rewritten_forward_survives_saving_and_copying():
+    """A saved model is loaded with its rewritten calls (a bound method would pickle as the class's own
+    forward: the ReLUs back to F.relu, the F.linear on parameters no longer there)."""
+    torch.manual_seed(0)
+    model, x = OwnWeights(), _x(8, 64)
+    result = transformed(model, [sfx.BTT(rank=4), sfx.MaxPlus(k=2, init="paper")], (x,))
+    buffer = io.BytesIO()
+    torch.save(result, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        want = result(x)
+        assert relative(want, model(x)) > 1e-3  # not the model's function: the check below can fail
+        for again in (loaded, copy.deepcopy(result)):
+            assert torch.equal(again(x), want) and again.forward.__self__ is again
