@@ -72,11 +72,11 @@ def transform(
     model runs on them to record each layer's inputs, shapes and dtypes. ``calibration``: an iterable of
     batches like ``example_inputs`` with any batch size (a longer tuple such as ``(x, y)`` from a
     labelled loader keeps its first inputs), used to fit the new layers (SPM) and to measure every
-    error on; without it, errors are measured on ``example_inputs``. Nothing but tensors and numbers is
-    frozen from these calls: a part called with flags (``mask=None``, a bool, a mode string) keeps its
-    own code with the replacements swapped in as modules, so later calls with other values take their
-    own paths; a layer only another value reaches is replaced when some batch (which may carry that
-    value in place of the example's) takes that path. ``filter_fn(name, module)``: False
+    error on; without it, errors are measured on ``example_inputs``. Nothing is frozen from these calls:
+    tensors and numbers stay inputs of the traced graphs, and a part called with flags (``mask=None``, a
+    bool, a mode string) keeps its own code with the replacements swapped in as modules, so later calls
+    with other values take their own paths; a layer only another value reaches is replaced when some
+    batch (which may carry that value in place of the example's) takes that path. ``filter_fn(name, module)``: False
     keeps that layer (``name`` is its dotted module path).
 
     Returns an ``nn.Module`` with the same call signature and output structure, in ``model``'s training
