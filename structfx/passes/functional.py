@@ -13,9 +13,9 @@ code, its control flow included, is untouched. The module keeps its class; only 
 rewritten one. The region is then proven like any other (proof.py).
 
 Forwards without source, decorated ones (the decorator would be lost) and calls with other arguments are
-left alone, and so are ``F.linear`` calls whose weight is not the module's own parameter, whose parameters
-the forward also reads some other way (a transpose, another op), or whose weight is used with two biases:
-``unconverted`` says why for each.
+left alone (a ReLU whose ``inplace`` is computed, too), and so are ``F.linear`` calls whose weight is not
+the module's own parameter, whose parameters the forward also reads some other way (a transpose, another
+op), or whose weight is used with two biases: ``unconverted`` says why for each.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Rewritten:
     module: nn.Module
     children: dict[str, nn.Module]  # the new children by name, in the forward's order
     parameters: dict[str, nn.Parameter]  # the module's own parameters before (moved ones among them)
-    unconverted: list[tuple[str, str]] = field(default_factory=list)  # (the call, why it was left alone)
+    unconverted: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, the call, why left alone)
 
     def untouched(self) -> bool:
         """True while every new child is still the one made here (none was replaced)."""
@@ -100,7 +100,7 @@ class _CallsAsModules(ast.NodeTransformer):
         self.moved: dict[str, tuple[str, ...]] = {}  # new child -> the module's parameters it takes over
         self.linears: dict[int, tuple[str, str | None]] = {}  # id(call node) -> (weight, bias) names, if converted
         self.by_parameters: dict[tuple[str, str | None], str] = {}  # (weight, bias) -> the child that computes it
-        self.unconverted: list[tuple[str, str]] = []
+        self.unconverted: list[tuple[str, str, str]] = []
 
     def plan(self, definition: ast.FunctionDef) -> None:
         """Which F.linear calls become children: those on the module's own parameters, read nowhere else."""
@@ -115,7 +115,7 @@ class _CallsAsModules(ast.NodeTransformer):
             if isinstance(node, ast.Call) and self._resolve(node.func) in LINEAR_FUNCTIONS:
                 names = self._linear_parameters(node)
                 if isinstance(names, str):
-                    self.unconverted.append((ast.unparse(node), names))
+                    self.unconverted.append(("dense", ast.unparse(node), names))
                 else:
                     found.append((node, names))
         uses = Counter(name for _, names in found for name in set(names) if name is not None)
@@ -130,7 +130,7 @@ class _CallsAsModules(ast.NodeTransformer):
             if why is None:
                 self.linears[id(node)] = names
             else:
-                self.unconverted.append((ast.unparse(node), why))
+                self.unconverted.append(("dense", ast.unparse(node), why))
 
     def _linear_parameters(self, node: ast.Call) -> tuple[str, str | None] | str:
         """(weight, bias) names of an ``F.linear`` call on the module's own parameters, else why not."""
@@ -196,9 +196,11 @@ class _CallsAsModules(ast.NodeTransformer):
         target = self._resolve(node.func)
         if target is not None and target in RELU_FUNCTIONS and node.args:
             extra = [*node.args[1:], *(k.value for k in node.keywords if k.arg == "inplace")]
-            if len(node.args) > 2 or any(k.arg not in ("inplace",) for k in node.keywords):
-                return None
-            if not all(isinstance(e, ast.Constant) and isinstance(e.value, bool) for e in extra):
+            if (
+                len(node.args) > 2 or any(k.arg not in ("inplace",) for k in node.keywords)
+                or not all(isinstance(e, ast.Constant) and isinstance(e.value, bool) for e in extra)
+            ):
+                self.unconverted.append(("relu", ast.unparse(node), "its inplace argument is not a literal: kept"))
                 return None
             return node.args[0], RELU_FUNCTIONS[target] or any(e.value for e in extra)
         if (

@@ -236,9 +236,9 @@ class _Rewriter:
         rewritten = calls_as_modules(module, kinds) if kinds else None
         if rewritten is None:
             return None
-        dense_rule = next((type(rule).__name__ for rule in self.rules if rule.kind == "dense"), "")
-        for call, why in rewritten.unconverted:
-            self.rows.append(Row(f"{prefix}<{call}>", dense_rule, "skipped", why))
+        for kind, call, why in rewritten.unconverted:
+            rule = next(type(rule).__name__ for rule in self.rules if rule.kind == kind)
+            self.rows.append(Row(f"{prefix}<{call}>", rule, "skipped", why))
         if not rewritten.children:
             return None
         try:

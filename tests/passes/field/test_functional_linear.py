@@ -177,3 +177,25 @@ def test_a_rewritten_forward_survives_saving_and_copying():
         assert relative(want, model(x)) > 1e-3  # not the model's function: the check below can fail
         for again in (loaded, copy.deepcopy(result)):
             assert torch.equal(again(x), want) and again.forward.__self__ is again
+
+
+class ComputedArguments(nn.Module):
+    """A ReLU whose inplace is computed and a pool whose window is: left as they are, the ReLU listed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inplace, self.window = False, 2
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return F.max_pool2d(F.relu(x, inplace=self.inplace), self.window)
+
+
+def test_calls_with_computed_arguments_are_kept_and_the_relu_listed():
+    model, x = ComputedArguments(), _x(2, 64, 4, 4)
+    result = transformed(model, [sfx.MaxPlus(min_features=1), sfx.MaxPlusPool(min_features=1)], (x,))
+    assert "forward" not in vars(result) and not list(result.children())
+    assert "not a literal" in _rows(result)["<F.relu(x, inplace=self.inplace)>"].reason
+    with torch.no_grad():
+        assert torch.equal(result(x), model(x))
