@@ -231,7 +231,7 @@ class _Rewriter:
 
     def _calls_as_modules(self, module: nn.Module, prefix: str, calls: list[Call]) -> Rewritten | None:
         """Makes the ReLU, F.linear and pool calls in the module's forward child modules (functional.py), with
-        their calls; an F.linear call left alone gets its row."""
+        their calls; a call left alone gets its row."""
         kinds = {rule.kind for rule in self.rules}
         rewritten = calls_as_modules(module, kinds) if kinds else None
         if rewritten is None:
