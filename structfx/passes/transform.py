@@ -216,6 +216,7 @@ class _Rewriter:
         """Children rewritten one by one (ReLU, F.linear and pool calls in the forward made children first); the
         module, run with them, must still reproduce its calls, or it is left as it was."""
         mark = len(self.undo)
+        calls = calls + self._flipped_calls(module, calls)
         rewritten = self._calls_as_modules(module, prefix, calls)
         self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
         self._rewrite_children(module, prefix)
@@ -228,6 +229,39 @@ class _Rewriter:
             while len(self.undo) > mark:
                 self.undo.pop()()
         return module
+
+    def _flipped_calls(self, module: nn.Module, calls: list[Call]) -> list[Call]:
+        """The module's kept calls run again with each bool argument flipped, where the module runs that
+        way: the other value's path is then recorded for its layers (fitted, sized and shared with it in
+        view) and the module is proven on it too. Those with the original value are recorded in the model
+        run already; None and string flags have no other value to try."""
+        signature = inspect.signature(module.forward)
+        runs = []
+        for call in calls:
+            if call.after is None:
+                continue
+            try:
+                bound = signature.bind(*call.args, **call.kwargs)
+            except TypeError:  # a call its own signature does not describe (a wrapped forward): nothing to flip
+                continue
+            bound.apply_defaults()
+            for name, value in bound.arguments.items():
+                if isinstance(value, bool):
+                    flipped = copy.copy(bound)
+                    flipped.arguments = {**bound.arguments, name: not value}
+                    runs.append((call.batch, flipped.args, flipped.kwargs))
+        flipped_calls = []
+        for run in runs:
+            try:
+                recorded, _ = replay(module, [run])
+            except Exception:  # noqa: BLE001 - the module does not take that value here: nothing to record
+                continue
+            for child, child_calls in recorded.items():
+                if child is module:
+                    flipped_calls.extend(child_calls)
+                else:
+                    self.calls.setdefault(child, []).extend(child_calls)
+        return flipped_calls
 
     def _calls_as_modules(self, module: nn.Module, prefix: str, calls: list[Call]) -> Rewritten | None:
         """Makes the ReLU, F.linear and pool calls in the module's forward child modules (functional.py), with

@@ -194,6 +194,55 @@ def test_functional_relus_and_pools_behind_a_flag_are_replaced():
             assert torch.equal(result(x, pool), model(x, pool))  # init="relu" and se = 0: bit for bit
 
 
+class Projected(nn.Module):
+    """A bool flag whose other path reaches a layer the example's does not and feeds the ReLU another width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.act, self.out = nn.Linear(64, 96), nn.ReLU(), nn.Linear(64, 64)
+
+    def forward(self, x, project: bool = False):
+        if project:
+            return self.act(self.proj(x))
+        return self.out(self.act(x))
+
+
+def test_the_other_value_of_a_bool_flag_is_recorded_at_transform_time():
+    torch.manual_seed(0)
+    model, x = Projected(), _x(4, 64)
+    result = transformed(model, EXACT, (x,))
+    assert isinstance(result.proj, BTTLinear) and isinstance(result.out, BTTLinear)
+    row = next(r for r in sfx.report(result).rows if r.name == "act")
+    assert type(result.act) is nn.ReLU and "different ranks or widths" in row.reason  # not an error at run time
+    with torch.no_grad():
+        for project in (False, True):
+            _assert_close(result(x, project), model(x, project))
+
+
+class FastPath(nn.Module):
+    """Reads its layer's weight on the path its flag's other value takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x, fast: bool = False):
+        if fast:
+            return torch.addmm(self.fc.bias, x, self.fc.weight.T)
+        return self.fc(x)
+
+
+def test_a_layer_whose_weight_the_other_flag_path_reads_is_kept():
+    torch.manual_seed(0)
+    model, x = FastPath(), _x(4, 64)
+    result = transformed(model, EXACT, (x,))
+    row = next(r for r in sfx.report(result).rows if r.name == "fc")
+    assert type(result.fc) is nn.Linear and row.reason.startswith("not rewritten")
+    with torch.no_grad():
+        for fast in (False, True):
+            assert torch.equal(result(x, fast), model(x, fast))
+
+
 def _tiny_bert():
     from transformers import BertConfig, BertModel
 
