@@ -214,7 +214,8 @@ class _Rewriter:
 
     def _fall_back(self, module: nn.Module, prefix: str, calls: list[Call], failure: TraceFailure) -> nn.Module:
         """Children rewritten one by one (ReLU, F.linear and pool calls in the forward made children first); the
-        module, run with them, must still reproduce its calls, or it is left as it was."""
+        module, run with them, must still reproduce its calls (those with each bool flag flipped among them),
+        or it is left as it was."""
         mark = len(self.undo)
         calls = calls + self._flipped_calls(module, calls)
         rewritten = self._calls_as_modules(module, prefix, calls)
