@@ -53,7 +53,8 @@ def evaluation_mode(model: nn.Module):
 @contextlib.contextmanager
 def preserved_state(model: nn.Module):
     """Every parameter and buffer of ``model`` as it was on entry, whatever its forward writes to them
-    (in place, or by assigning a new tensor to the attribute)."""
+    (in place, or by assigning a new tensor to the attribute). An entry taken out of its module meanwhile
+    stays out: the tensor keeps its value wherever it went."""
     saved = [
         (table, name, tensor, tensor.detach().clone())
         for module in model.modules()
@@ -66,7 +67,8 @@ def preserved_state(model: nn.Module):
     finally:
         with torch.no_grad():
             for table, name, tensor, value in saved:
-                table[name] = tensor
+                if name in table:  # one the rewrite moved to a new layer (functional.py) stays there
+                    table[name] = tensor
                 if tensor.shape != value.shape or not torch.equal(tensor, value):
                     tensor.data = value
 

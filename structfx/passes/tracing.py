@@ -1,4 +1,5 @@
-"""Symbolic tracing of one module call, specialised to the non-tensor arguments it was called with."""
+"""Symbolic tracing of one module call whose arguments are tensors and numbers: nothing in the graph is
+frozen from the example call."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import inspect
 
 import torch
 from torch import fx, nn
-from torch.fx import _symbolic_trace
 
 from structfx import registry
-from structfx.errors import StructfxError
 from structfx.passes.recording import evaluation_mode, preserved_state, snapshot
 from structfx.passes.sites import is_conv1d
 
@@ -45,65 +44,39 @@ def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, o
     return named
 
 
-#: Non-tensor arguments a trace is specialised to, FX guarding each: flags that pick a code path.
-_FLAG_TYPES = (bool, str, torch.dtype, torch.device, type(None))
-
-
 def trace_call(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """Trace ``module`` for calls like this one, and check that the graph reproduces the call.
 
     Tensors and numbers (a cache length, a position offset: values that change from call to call) stay
-    inputs of the graph; flags (None, bools, strings, dtypes, devices) are baked in, FX guarding that
-    later calls pass the same. A call with any other value (a cache object, a list) is not traced, since
-    the graph would silently keep the example's.
+    inputs of the graph. A call with any other value (a flag such as None, a bool or a string, a cache
+    object, a list) is not traced, since the graph would keep the example's value for every later call:
+    such a module is rewritten as modules instead (transform's fallback), where its own code picks the path
+    on each call.
     """
     arguments = bound_arguments(module, args, kwargs)
-    concrete = {}
     for name, value in arguments.items():
-        if isinstance(value, _FLAG_TYPES):
-            concrete[name] = value
-        elif not isinstance(value, (torch.Tensor, int, float)):
+        if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, bool):
             raise TraceFailure(
-                f"called with {name} of type {type(value).__name__}, which a trace would freeze to its example value"
+                f"called with {name}={_shown(value)}, which a graph would freeze to its example value "
+                f"(rewritten as modules, so that calls with other values run)"
             )
     try:
-        graph = StructfxTracer().trace(module, concrete_args=concrete)
+        graph = StructfxTracer().trace(module)
     except Exception as e:  # tracing runs user code: any failure means "not traceable here"
         raise TraceFailure(f"symbolic tracing failed: {type(e).__name__}: {_first_line(e)}") from e
     named_placeholders = [n for n in graph.nodes if n.op == "placeholder" and not str(n.target).startswith("*")]
     for node, name in zip(named_placeholders, arguments):
         node.target = name  # keep the forward's parameter names, so keyword calls still work
-    _explain_guards(graph, type(module).__name__, concrete)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     _check_reproduces(module, gm, args, kwargs)
     return gm
 
 
-def _explain_guards(graph: fx.Graph, owner: str, flags: dict[str, object]) -> None:
-    """FX's guards on the baked-in flags raise a bare AssertionError; ours raise StructfxError saying which
-    module was specialised to which value, and what to do."""
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in (torch._assert, _symbolic_trace._assert_is_none):
-            continue
-        name = next((n for n in flags if str(node.args[1]).startswith(f"{n} has been specialized")), None)
-        if name is not None:
-            message = (
-                f"structfx.transform traced {owner} for {name}={flags[name]!r}, as in its example call, and it "
-                f"is now called with another {name}: transform with example_inputs that call it as later calls "
-                f"do, or keep it out with filter_fn"
-            )
-            node.target = _flag_guard if node.target is torch._assert else _none_guard
-            node.args = (node.args[0], message)
-
-
-def _flag_guard(same: bool, message: str) -> None:
-    if not same:
-        raise StructfxError(message)
-
-
-def _none_guard(value: object, message: str) -> None:
-    if value is not None:
-        raise StructfxError(message)
+def _shown(value: object) -> str:
+    """A flag by its value, anything else by its type."""
+    if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)):
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _check_reproduces(module: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:

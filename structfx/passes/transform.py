@@ -1,8 +1,9 @@
 """``structfx.transform``: put structured layers into a copy of a model, on torch.fx graphs.
 
 The whole model is traced when it can be. Where symbolic tracing fails (data-dependent control flow, the
-common case in transformers models), each child is traced on its own, recursively, and leaf layers that
-no trace reaches are swapped as modules (ReLU calls in such a forward made modules first: functional.py);
+common case in transformers models) or is not tried (a part called with flags, tracing.py), each child is
+traced on its own, recursively, and leaf layers that no trace reaches are swapped as modules (ReLU,
+F.linear and pool calls in such a forward made modules first: functional.py);
 the report names every part that fell back and why. Every rewritten region is proven to compute what it
 did, bit for bit, with stand-ins of the original layers (standin.py, proof.py), or left as it was.
 """
@@ -22,7 +23,7 @@ from structfx.nn import InPlace
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
 from structfx.passes.axes import axis_of_module_output, channel_axis, resolved_axis
-from structfx.passes.functional import relu_calls_as_modules, restore
+from structfx.passes.functional import Rewritten, calls_as_modules
 from structfx.passes.keep import (
     direct_reads,
     owner_problem,
@@ -71,7 +72,11 @@ def transform(
     model runs on them to record each layer's inputs, shapes and dtypes. ``calibration``: an iterable of
     batches like ``example_inputs`` with any batch size (a longer tuple such as ``(x, y)`` from a
     labelled loader keeps its first inputs), used to fit the new layers (SPM) and to measure every
-    error on; without it, errors are measured on ``example_inputs``. ``filter_fn(name, module)``: False
+    error on; without it, errors are measured on ``example_inputs``. Nothing is frozen from these calls:
+    tensors and numbers stay inputs of the traced graphs, and a part called with flags (``mask=None``, a
+    bool, a mode string) keeps its own code with the replacements swapped in as modules, so later calls
+    with other values take their own paths; a layer only another value reaches is replaced when some
+    batch (which may carry that value in place of the example's) takes that path. ``filter_fn(name, module)``: False
     keeps that layer (``name`` is its dotted module path).
 
     Returns an ``nn.Module`` with the same call signature and output structure, in ``model``'s training
@@ -208,13 +213,15 @@ class _Rewriter:
         return gm
 
     def _fall_back(self, module: nn.Module, prefix: str, calls: list[Call], failure: TraceFailure) -> nn.Module:
-        """Children rewritten one by one (ReLU calls in the forward made children first); the module, run
-        with them, must still reproduce its calls, or it is left as it was."""
+        """Children rewritten one by one (ReLU, F.linear and pool calls in the forward made children first); the
+        module, run with them, must still reproduce its calls (those with each bool flag flipped among them),
+        or it is left as it was."""
         mark = len(self.undo)
-        relus = self._relu_calls_as_modules(module, calls)
+        calls = calls + self._flipped_calls(module, calls)
+        rewritten = self._calls_as_modules(module, prefix, calls)
         self.rows.append(Row(prefix.rstrip(".") or "<model>", "", "fell back", str(failure)))
         self._rewrite_children(module, prefix)
-        if relus and all(type(getattr(module, name)) is nn.ReLU for name in relus):
+        if rewritten is not None and rewritten.untouched():
             self.undo.pop(mark)()  # none of them replaced: the forward goes back to the class's own
         why = disproof(module, calls) if len(self.undo) > mark else None
         if why is not None:
@@ -224,22 +231,65 @@ class _Rewriter:
                 self.undo.pop()()
         return module
 
-    def _relu_calls_as_modules(self, module: nn.Module, calls: list[Call]) -> list[str]:
-        """Makes the ReLU calls in the module's forward child modules (functional.py), with their calls."""
-        if not any(rule.kind == "relu" for rule in self.rules):
-            return []
-        names = relu_calls_as_modules(module)
-        if names is None:
-            return []
+    def _flipped_calls(self, module: nn.Module, calls: list[Call]) -> list[Call]:
+        """The module's kept calls run again with each bool argument flipped, where the module runs that
+        way: the other value's path is then recorded for its layers (fitted, sized and shared with it in
+        view) and the module is proven on it too. Those with the original value are recorded in the model
+        run already; None and string flags have no other value to try."""
+        signature = inspect.signature(module.forward)
+        runs = []
+        for call in calls:
+            if call.after is None:
+                continue
+            try:
+                bound = signature.bind(*call.args, **call.kwargs)
+            except TypeError:  # a call its own signature does not describe (a wrapped forward): nothing to flip
+                continue
+            bound.apply_defaults()
+            for name, value in bound.arguments.items():
+                if isinstance(value, bool):
+                    flipped = copy.copy(bound)
+                    flipped.arguments = {**bound.arguments, name: not value}
+                    runs.append((call.batch, flipped.args, flipped.kwargs))
+        flipped_calls = []
+        for run in runs:
+            try:
+                recorded, _ = replay(module, [run])
+            except Exception:  # noqa: BLE001 - the module does not take that value here: nothing to record
+                continue
+            for child, child_calls in recorded.items():
+                if child is module:
+                    flipped_calls.extend(child_calls)
+                else:
+                    self.calls.setdefault(child, []).extend(child_calls)
+        return flipped_calls
+
+    def _calls_as_modules(self, module: nn.Module, prefix: str, calls: list[Call]) -> Rewritten | None:
+        """Makes the ReLU, F.linear and pool calls in the module's forward child modules (functional.py), with
+        their calls; a call left alone gets its row."""
+        kinds = {rule.kind for rule in self.rules}
+        rewritten = calls_as_modules(module, kinds) if kinds else None
+        if rewritten is None:
+            return None
+        for kind, call, why in rewritten.unconverted:
+            rule = next(type(rule).__name__ for rule in self.rules if rule.kind == kind)
+            self.rows.append(Row(f"{prefix}<{call}>", rule, "skipped", why))
+        if not rewritten.children:
+            return None
         try:
             recorded, _ = replay(module, [(c.batch, c.args, c.kwargs) for c in calls])
-        except Exception:  # noqa: BLE001 - the rewritten forward fails: keep the original forward
-            restore(module, names)
-            return []
-        self.undo.append(lambda: restore(module, names))
-        for name in names:
-            self.calls[getattr(module, name)] = recorded.get(getattr(module, name), [])
-        return names
+        except Exception as e:  # noqa: BLE001 - the rewritten forward fails: keep the original forward
+            rewritten.undo()
+            why = f"not rewritten: the forward with its calls made modules fails ({type(e).__name__}: {e})"
+            for name, child in rewritten.children.items():
+                kind = "relu" if isinstance(child, nn.ReLU) else "dense" if isinstance(child, nn.Linear) else "pool"
+                rule = next(type(rule).__name__ for rule in self.rules if rule.kind == kind)
+                self.rows.append(Row(f"{prefix}{name}", rule, "skipped", why))
+            return None
+        self.undo.append(rewritten.undo)
+        for child in rewritten.children.values():
+            self.calls[child] = recorded.get(child, [])
+        return rewritten
 
     def _rewrite_children(self, module: nn.Module, prefix: str) -> nn.Module:
         for name, child in list(module.named_children()):
@@ -297,7 +347,10 @@ class _Rewriter:
         calls = self.calls.get(site.module, [])
         inputs = [c.args[0] for c in calls if c.args and isinstance(c.args[0], Tensor)]
         if not calls:
-            problem = "never called as a module (its parent uses it some other way, e.g. reads its weight)"
+            problem = (
+                "never called as a module on the recorded inputs (a path they did not take, or its parent uses "
+                "it some other way, e.g. reads its weight)"
+            )
         elif len(inputs) < len(calls):
             problem = "called without a tensor as its first argument"
         else:

@@ -3,9 +3,11 @@
 Each program is a forward written step by step from: Linear or Conv2d layers (a layer may be called again),
 every spelling of ReLU (module, in-place module as a statement, F.relu, torch.relu, x.relu(), in-place
 functional and method forms, in place through a view), residual adds (with the saved tensor aliasing the
-running one), a nested Sequential inside a ModuleList, and a data-dependent branch that makes symbolic
-tracing fail (the fallback path). The transformed model must give the same outputs on inputs taking either
-branch, change its inputs as the model does, and leave the model and the inputs alone.
+running one), a nested Sequential inside a ModuleList, ``F.linear`` on the program's own parameters (a max
+pool in conv programs), a child called with a bool flag that the data picks, and a data-dependent branch
+that makes symbolic tracing fail (the fallback path). The transformed model must give the same outputs on
+inputs taking either branch, change its inputs as the model does, and leave the model and the inputs
+alone.
 """
 
 from __future__ import annotations
@@ -24,8 +26,20 @@ from tests.passes.field.harness import assert_computes_the_same, assert_same_sta
 RULES = [sfx.BTT(rank=10**6, min_features=1), sfx.MaxPlus(k=2, min_features=1), sfx.MaxPlusPool(min_features=1)]
 STEPS = (
     "layer", "relu_module", "relu_inplace_statement", "f_relu", "torch_relu", "method_relu", "f_relu_inplace",
-    "method_relu_", "relu_on_view", "save", "residual", "nested", "input_relu_", "branch",
+    "method_relu_", "relu_on_view", "save", "residual", "nested", "input_relu_", "branch", "own_linear", "gate",
 )
+
+
+class Gate(nn.Module):
+    """A layer and a ReLU, its output doubled or not by a flag."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h, double: bool = False):
+        h = F.relu(self.layer(h))
+        return h * 2 if double else h
 
 
 class Program(nn.Module):
@@ -41,6 +55,9 @@ class Program(nn.Module):
         self.layers = nn.ModuleList(layer() for _ in range(3))
         self.act, self.act_inplace = nn.ReLU(), nn.ReLU(inplace=True)
         self.blocks = nn.ModuleList([nn.Sequential(layer(), nn.ReLU()), nn.Sequential(nn.ReLU(), layer())])
+        self.gate = Gate(layer())
+        self.weight = nn.Parameter(torch.randn(width, width, generator=torch.Generator().manual_seed(width)))
+        self.bias = nn.Parameter(torch.randn(width, generator=torch.Generator().manual_seed(width + 1)))
 
     def forward(self, x):
         h = saved = self.layers[0](x)
@@ -74,6 +91,12 @@ class Program(nn.Module):
                 h = h + self.layers[index](x)
             elif step == "branch" and h.sum() > 0:
                 h = h * 0.5
+            elif step == "own_linear" and self.conv:
+                h = F.max_pool2d(h, 3, stride=1, padding=1)
+            elif step == "own_linear":
+                h = F.linear(h, self.weight, self.bias)
+            elif step == "gate":
+                h = self.gate(h, bool(h.mean() > 0))
         return h
 
 

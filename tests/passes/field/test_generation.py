@@ -1,7 +1,6 @@
 """Kind 8: nothing that varies between calls is frozen from the example call. A traced part keeps numbers
 (cache lengths, offsets) as inputs, so a transformed OPT generates with its cache as the original does."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,39 +71,3 @@ def test_a_number_argument_is_not_frozen_to_its_example_value():
             got, want = result(x, offset), model(x, offset)
             assert got.shape == want.shape
             assert torch.allclose(got, want, atol=1e-5)
-
-
-class Masked(nn.Module):
-    """Takes an optional mask: traced for the example's None, its guard must say so if a mask comes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(64, 64)
-
-    def forward(self, x, mask=None, scale: bool = True):
-        h = F.relu(self.fc(x))
-        if mask is not None:
-            h = h * mask
-        return h * 2 if scale else h
-
-
-class Outer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = Masked()
-
-    def forward(self, x, mask=None, scale: bool = True):
-        if x.sum() > 0:
-            x = x + 1
-        return self.inner(x, mask, scale)
-
-
-def test_a_flag_frozen_from_the_example_call_is_guarded_with_a_structfx_error():
-    model, x = Outer(), torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
-    result = transformed(model, [sfx.BTT(rank=64), sfx.MaxPlus(k=2)], (x,))
-    with torch.no_grad():
-        assert torch.allclose(result(x), model(x), atol=1e-5)
-        with pytest.raises(sfx.StructfxError, match=r"traced Masked for mask=None.*called with another mask"):
-            result(x, torch.ones(4, 64))
-        with pytest.raises(sfx.StructfxError, match=r"traced Masked for scale=True"):
-            result(x, None, False)
