@@ -53,9 +53,10 @@ def rules_for(target: Target) -> list[ScheduleRule]:
         return [MaxPlusCUDA(), MaxPlusPoolCUDA(), SPMCUDA(), BTTCUDA(), gpu.Matmul(), gpu.GEMV(), gpu.Reduction(),
                 gpu.GeneralReduction(), gpu.Fallback()]
     from structfx.lowering.rules.conv import Conv
+    from structfx.lowering.rules.dense_packed import DensePacked
     from structfx.lowering.rules.matmul import Matmul
 
-    return [MaxPlusCPU(), MaxPlusPoolCPU(), SPMCPU(), SPMCoefficientsCPU(), BTTCPU(), Matmul(), Conv(),
+    return [MaxPlusCPU(), MaxPlusPoolCPU(), SPMCPU(), SPMCoefficientsCPU(), BTTCPU(), DensePacked(), Matmul(), Conv(),
             dlight.cpu.Reduction(), GenericCPU()]
 
 
