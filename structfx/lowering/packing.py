@@ -61,27 +61,6 @@ def _kernel_call(builder, x: relax.Expr, packed: relax.Expr, n: int) -> relax.Ca
 
 
 @relax.expr_functor.mutator
-class _PlainRows(relax.PyExprMutator):
-    """Each ``dense_packed`` call on an ``x`` with compound rows (``s * 10``, from a flattened (s, 10, K)
-    input) made again on ``x`` match_cast to a fresh rows var: TVM cannot prove the kernel's padded row
-    tiles cover compound rows ("not a stage pipeline" in ``compute_inline``). Run after
-    LiftTransformParams, which drops such match_casts."""
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.call_tir":
-            return call
-        if not call.args[0].name_hint.startswith(KERNEL):
-            return call
-        x, packed = call.args[1].fields[:2]
-        rows, columns = x.ty.shape
-        if isinstance(rows, (tirx.IntImm, tirx.Var)):
-            return call
-        plain = self.builder_.match_cast(x, relax.TensorType([tirx.Var("rows", "int64"), columns], x.ty.dtype))
-        return _kernel_call(self.builder_, plain, packed, int(call.ty.shape[1]))
-
-
-@relax.expr_functor.mutator
 class _DensePacker(relax.PyExprMutator):
     """``matmul(x, permute_dims(w))`` with ``w`` one of ``weights`` as ``dense_packed(x, pack(w))``."""
 
@@ -117,6 +96,8 @@ class _DensePacker(relax.PyExprMutator):
         shapes = [x.ty.shape, weight.ty.shape]
         if any(s is None or len(s) != 2 for s in shapes) or not isinstance(shapes[1][0], tirx.IntImm):
             return None
+        if not isinstance(shapes[0][0], (tirx.IntImm, tirx.Var)):
+            return None  # compound rows (s * 10): TVM cannot prove the padded row tiles cover them
         if x.ty.dtype != "float32" or weight.ty.dtype != "float32" or call.attrs.out_dtype not in ("", "float32"):
             return None
         return weight
@@ -144,9 +125,6 @@ def lift_weight_packing(mod, params: list, target) -> tuple:
         return mod, params
     transform = relax.transform.DeadCodeElimination([name])(_without(mod, "main"))
     mod = _without(mod, name)
-    plain = _PlainRows(mod)
-    plain.builder_.update_func(mod.get_global_var("main"), plain.visit_expr(mod["main"]))
-    mod = relax.transform.DeadCodeElimination(["main"])(plain.builder_.get())
     executable = tvm.compile(transform, target=tvm.target.Target("llvm"))
     machine = relax.VirtualMachine(executable, tvm.cpu(0))
     packed = machine[name](params)

@@ -91,7 +91,8 @@ def test_compiled_linear_at_any_batch_on_packed_weights(k, n):
 
 
 def test_compiled_linear_on_flattened_rows():
-    """A (batch, 10, K) input reaches the layer as batch * 10 rows, a compound symbolic extent."""
+    """A (batch, 10, K) input reaches the layer as batch * 10 rows, a compound symbolic extent: such a
+    layer keeps its weights as they are (the matmul rule's dot-product kernel), and is still right."""
     torch.manual_seed(0)
     layer = nn.Linear(48, 40).eval()
     compiled = sfx.compile(layer, torch.randn(4, 10, 48))
