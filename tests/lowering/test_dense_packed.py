@@ -10,7 +10,7 @@ from torch import nn
 import structfx as sfx
 from structfx.lowering.compat import Target, te, tirx, tvm
 from structfx.lowering.ops.common import vector_lanes
-from structfx.lowering.packing import ACCUMULATE, dense_packed
+from structfx.lowering.packing import ACCUMULATE, ROWS, dense_packed
 from structfx.lowering.rules.dense_packed import DensePacked
 
 AVX2 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512f"]})
@@ -50,7 +50,7 @@ def test_rule_matches_torch_at_odd_and_prime_sizes(m, n, k):
 
 @pytest.mark.parametrize("target,panel", [(AVX2, 16), (AVX512, 32)], ids=["avx2", "avx512"])
 def test_structure_register_tiles_of_panels_in_parallel(target, panel):
-    """Panels in parallel outermost, then row tiles, k, and a 6 x panel tile of accumulators kept
+    """Panels in parallel outermost, then row tiles, k, and a ROWS x panel tile of accumulators kept
     local (registers): rows unrolled, the panel's columns vectorised; the epilogue stores the tile."""
     m = tirx.Var("m", "int64")
     sch = DensePacked().apply(packed_dense(m, 512, 64, panel), target, False)
@@ -59,13 +59,13 @@ def test_structure_register_tiles_of_panels_in_parallel(target, panel):
     loops = [sch.get(loop) for loop in sch.get_loops(main)]
     kind = tirx.ForKind
     assert loops[0].kind == kind.PARALLEL and int(loops[0].extent) == 512 // panel
-    assert loops[-2].kind == kind.UNROLLED and int(loops[-2].extent) == 6
+    assert loops[-2].kind == kind.UNROLLED and int(loops[-2].extent) == ROWS
     assert loops[-1].kind == kind.VECTORIZED and int(loops[-1].extent) == panel
     assert int(loops[-3].extent) == 64  # the whole of K runs inside the tile
     passes = tvm.s_tir.transform
     lowered = passes.PlanAndUpdateBufferAllocationLocation()(passes.LowerInitBlock()(sch.mod))
     compacted = passes.CompactBufferAllocation()(passes.ConvertBlocksToOpaque()(lowered))
-    assert f'alloc_buffer((T.int64(6), {panel}), scope="local")' in compacted.script()
+    assert f'alloc_buffer((T.int64({ROWS}), {panel}), scope="local")' in compacted.script()
 
 
 def test_other_functions_are_left_to_other_rules():

@@ -2,8 +2,8 @@
 
 The GEMM micro-kernel of Goto & van de Geijn ("Anatomy of high-performance matrix multiplication",
 2008) on B packed into panels of P columns, (N / P, K, P), P two vectors: a register tile of ROWS rows
-of A by one panel keeps ROWS x 2 accumulators in vector registers (6 x 2 on AVX2: 12
-accumulators, two loads of B and one broadcast of A fit the 16 registers); per step of k it broadcasts
+of A by one panel keeps ROWS x 2 accumulators in vector registers (4 x 2: 8 accumulators, two loads
+of B and a broadcast of A fit AVX2's 16 registers); per step of k it broadcasts
 one element of each A row and loads the panel's next P contiguous values of B. Panels run in
 parallel, outermost; inside one, every row tile streams the same panel, which stays in L2 (K x P
 floats: 256 KiB at K = 4096 on AVX2), while A's rows come from L3. The epilogue fused after the layer (bias,
