@@ -120,8 +120,10 @@ def lift_weight_packing(mod, params: list, target) -> tuple:
     """Pack the dense layers' weights of ``mod`` (``main`` with ``num_input`` inputs followed by the
     parameters ``params``, TVM tensors in order) and run the packing now: (module whose ``main`` takes
     the packed parameters, the packed parameters). Other computations on parameters alone are lifted
-    and run now as well. A module without any is returned as it is."""
+    and run now as well. A module without a dense layer to pack is returned as it is."""
     packed = pack_dense_weights(mod, PANEL_VECTORS * vector_lanes(target))
+    if not any(gv.name_hint.startswith(KERNEL) for gv in packed.get_global_vars()):
+        return mod, params
     mod = relax.transform.LiftTransformParams()(relax.transform.DeadCodeElimination()(packed))
     name = "main_transform_params"
     if name not in [gv.name_hint for gv in mod.get_global_vars()]:
