@@ -101,7 +101,7 @@ class _DensePacker(relax.PyExprMutator):
             return None
         if not isinstance(shapes[0][0], (tirx.IntImm, tirx.Var)):
             return None  # compound rows (s * 10): TVM cannot prove the padded row tiles cover them
-        if x.ty.dtype != "float32" or weight.ty.dtype != "float32" or call.attrs.out_dtype not in ("", "float32"):
+        if x.ty.dtype != "float32" or weight.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "float32"):
             return None
         return weight
 
