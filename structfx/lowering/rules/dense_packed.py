@@ -8,8 +8,11 @@ one element of each A row and loads the panel's next P contiguous values of B. P
 parallel, outermost; inside one, every row tile streams the same panel, which stays in L2 (K x P
 floats: 256 KiB at K = 4096 on AVX2), while A's rows come from L3. The epilogue fused after the layer (bias,
 activation, residual add, scale) is applied to the register tile after its last k, and the tile is
-stored once. The kernel computes a whole number of row tiles (``dense_packed`` re-reads A's last row
-for the padded ones, never stored): a symbolic M needs no tail loop and no copy of A.
+stored once. The tile's accumulators stay in the "global" scope the compaction shrinks to the tile: TVM's
+LowerTVMBuiltin puts only small *global* allocations on the stack, where LLVM keeps them in registers; a
+"local" one is allocated from the workspace and every FMA's result is stored to memory (2.9x slower
+measured inside the compiled module). The kernel computes a whole number of row tiles (``dense_packed``
+re-reads A's last row for the padded ones, never stored): a symbolic M needs no tail loop and no copy of A.
 """
 
 from __future__ import annotations
@@ -58,7 +61,6 @@ class DensePacked(OpRule):
         sch.vectorize(j_inner)
         sch.reverse_compute_at(out, tile)
         sch.decompose_reduction(main, k)
-        sch.set_scope(main, 0, "local")
         _store_tile(sch, out, tile, panel)
         for block in others:
             parallel_vectorized(sch, block, lanes)
