@@ -16,8 +16,9 @@ Output tiles run in parallel; the epilogue the function was fused with (bias, ac
 scale) is applied to each tile while it is in registers. The accumulators stay in global scope, compacted
 to the tile: TVM puts small global allocations on the stack (registers, for LLVM) and "local" ones in
 the workspace, where every update is stored to memory (a BERT-base layer ran 8 to 13% slower so).
-M may be symbolic with no divisibility guarantee, K need not be a multiple of the lanes: such extents are padded (``pad_einsum``: A is copied
-into a zero-padded buffer, padded outputs are never stored), so the micro-kernel has no tail.
+M may be symbolic with no divisibility guarantee, K need not be a multiple of the lanes: such extents
+are padded (``pad_einsum``: A is copied into a zero-padded buffer, padded outputs are never stored), so
+the micro-kernel has no tail.
 """
 
 from __future__ import annotations
