@@ -18,6 +18,7 @@ from structfx.lowering.compiled import CompiledModel
 from structfx.lowering.converters import converter_map
 from structfx.lowering.export import export_for_compile, input_specs, output_specs
 from structfx.lowering.graph_fixes import prepare_for_import
+from structfx.lowering.packing import lift_weight_packing
 from structfx.lowering.schedules import apply_schedules, legalize, rules_for
 from structfx.lowering.state import restored_state, warn_state_updates
 from structfx.lowering.target import resolve_target
@@ -72,7 +73,8 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
 
 
 def lower_to_relax(program, target):
-    """The Relax module of an exported program, parameters detached: (module, [weights in order])."""
+    """The Relax module of an exported program, parameters detached: (module, [weights in order]). On
+    the CPU, dense layers' weights come back packed for the GEMM kernel (structfx.lowering.packing)."""
     try:
         with torch.no_grad():
             program = prepare_for_import(program)
@@ -83,7 +85,10 @@ def lower_to_relax(program, target):
             f"[import] TVM cannot import {_failing_node(e, program)}: {_gist(e)}; {UNSUPPORTED_HINT}"
         ) from e
     mod, params = detach_params(mod)
-    return _sizes_from_one(mod), list(params.get("main", []))
+    mod, params = _sizes_from_one(mod), list(params.get("main", []))
+    if target.kind.name == "llvm":
+        mod, params = lift_weight_packing(mod, params, target)
+    return mod, params
 
 
 def _sizes_from_one(mod):

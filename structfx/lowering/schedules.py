@@ -51,9 +51,10 @@ def rules_for(target: Target) -> list[ScheduleRule]:
         gpu = dlight.gpu
         return [*ours, gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
     from structfx.lowering.rules.conv import Conv
+    from structfx.lowering.rules.dense_packed import DensePacked
     from structfx.lowering.rules.matmul import Matmul
 
-    return [*ours, Matmul(), Conv(), dlight.cpu.Reduction(), GenericCPU()]
+    return [*ours, DensePacked(), Matmul(), Conv(), dlight.cpu.Reduction(), GenericCPU()]
 
 
 def legalize(mod, target: Target):

@@ -1,7 +1,8 @@
 """The on-disk artifact: one directory, checked before anything in it is used.
 
     kernels.so            the compiled Relax VM executable (native code: loading it runs it)
-    weights.safetensors   the parameters, in the order the executable takes them
+    weights.safetensors   the parameters, in the order and layout the executable takes them (format 3: dense
+                          layers' weights packed into GEMM panels at compile time, structfx.lowering.packing)
     manifest.json         format version, versions, target, signature, sha256 of every other file
     manifest.sha256       sha256 of manifest.json
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from structfx.errors import StructfxError
 
-FORMAT_VERSION = 2  # 2: no row padding; symbolic dims named in the signature
+FORMAT_VERSION = 3  # 2: no row padding; symbolic dims named in the signature; 3: dense weights stored packed
 MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
 KERNELS, WEIGHTS = "kernels.so", "weights.safetensors"
 

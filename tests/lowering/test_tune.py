@@ -87,14 +87,14 @@ def test_no_trial_goes_to_a_kernel_with_nothing_to_tune(tmp_path):
     model, x = nn.Linear(48, 40).eval(), torch.randn(16, 48)
     sfx.tune(model, x, trials=3, database=tmp_path / "db", progress=False)
     measured = collections.Counter(r["kernel"] for r in _records(tmp_path / "db"))
-    assert measured == {"fused_NT_matmul_add": 3}  # the bias add is fused into the matmul's kernel
+    assert measured == {"fused_dense_packed_add": 3}  # the bias add is fused into the matmul's kernel
     from structfx.lowering.build import legalize_module, lower_to_relax
     from structfx.lowering.export import export_for_compile
 
     target = resolve_target()
     mod = legalize_module(lower_to_relax(export_for_compile(model, (x,)), target)[0], target)
     tasks = {t.name for t in extract_tasks(mod, target)}
-    assert tasks == {"fused_NT_matmul_add"}
+    assert tasks == {"fused_dense_packed_add"}
     for gv, func in mod.functions_items():
         if gv.name_hint not in tasks and hasattr(func, "buffer_map"):
             assert not samples_anything(workload_of(func), standard_space(), target), gv.name_hint

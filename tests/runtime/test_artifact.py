@@ -107,15 +107,17 @@ def test_a_deleted_file_is_refused(digits_artifact, tmp_path, name):
         load(copy)
 
 
-def test_a_newer_format_is_refused(digits_artifact, tmp_path):
-    from structfx.runtime.artifact import MANIFEST, MANIFEST_DIGEST, sha256_file
+@pytest.mark.parametrize("version", [99, 2], ids=["newer", "older_unpacked_weights"])
+def test_another_format_is_refused(digits_artifact, tmp_path, version):
+    from structfx.runtime.artifact import FORMAT_VERSION, MANIFEST, MANIFEST_DIGEST, sha256_file
 
     copy = _copy(digits_artifact[1], tmp_path)
     manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["format_version"] = 99
+    manifest["format_version"] = version
     (copy / MANIFEST).write_text(json.dumps(manifest))
     (copy / MANIFEST_DIGEST).write_text(sha256_file(copy / MANIFEST))
-    with pytest.raises(sfx.StructfxError, match="format version 99; this structfx reads version 2"):
+    refusal = f"format version {version}; this structfx reads version {FORMAT_VERSION}"
+    with pytest.raises(sfx.StructfxError, match=refusal):
         load(copy)
 
 

@@ -66,8 +66,7 @@ class Conv(OpRule):
         if x_inner is not None:
             sch.vectorize(x_inner)
         sch.reverse_compute_at(out, tile)
-        sch.decompose_reduction(main, reduce[0])
-        sch.set_scope(main, 0, "local")
+        sch.decompose_reduction(main, reduce[0])  # accumulators stay global: a stack array (see rules/matmul.py)
         out_loops = sch.get_loops(out)
         if isinstance(sch.get(out_loops[-1]).extent, tirx.IntImm):
             sch.vectorize(out_loops[-1])

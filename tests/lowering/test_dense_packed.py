@@ -1,0 +1,104 @@
+"""Dense layers on weights packed at compile time (structfx/lowering/packing.py) and their schedule rule
+(structfx/lowering/rules/dense_packed.py): numerics against torch at odd and prime sizes, batch 1 and
+symbolic rows, the loop nest the rule promises under named targets, and packing done once."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import structfx as sfx
+from structfx.lowering.compat import Target, te, tirx, tvm
+from structfx.lowering.ops.common import vector_lanes
+from structfx.lowering.packing import ACCUMULATE, ROWS, dense_packed
+from structfx.lowering.rules.dense_packed import DensePacked
+
+AVX2 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512f"]})
+AVX512 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
+
+
+def packed_dense(m, n, k, panel):
+    """relu(x @ w.T + bias) on w packed in panels of ``panel`` columns, as fusion leaves a Linear + ReLU."""
+    x = te.placeholder((m, k), name="x")
+    packed = te.placeholder((-(-n // panel), k, panel), name="packed")
+    bias = te.placeholder((n,), name="bias")
+    y = dense_packed(x, packed, n)
+    out = te.compute((m, n), lambda i, j: te.max(y[i, j] + bias[j], tirx.const(0.0, "float32")), name="relu")
+    return te.create_prim_func([x, packed, bias, out])
+
+
+def pack_numpy(w: np.ndarray, panel: int) -> np.ndarray:
+    n, k = w.shape
+    padded = np.zeros((-(-n // panel) * panel, k), "float32")
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(-1, panel, k).transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 130, 97), (7, 97, 130), (33, 16, 33), (6, 256, 64)])
+def test_rule_matches_torch_at_odd_and_prime_sizes(m, n, k):
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    sch = DensePacked().apply(packed_dense(m, n, k, 16), AVX2, False)
+    assert sch is not None
+    lib = tvm.compile(sch.mod, target=AVX2)
+    dev = tvm.cpu()
+    arrays = [x.numpy(), pack_numpy(w.numpy(), 16), b.numpy(), np.zeros((m, n), "float32")]
+    args = [tvm.runtime.tensor(a, dev) for a in arrays]
+    lib["main"](*args)
+    want = torch.relu(x @ w.T + b)
+    assert float((torch.from_numpy(args[-1].numpy()) - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("target,panel", [(AVX2, 16), (AVX512, 32)], ids=["avx2", "avx512"])
+def test_structure_register_tiles_of_panels_in_parallel(target, panel):
+    """Panels in parallel outermost, then row tiles, k, and a ROWS x panel tile of accumulators compacted
+    to the tile (a global-scope stack array LLVM keeps in registers): rows unrolled, the panel's columns
+    vectorised; the epilogue stores the tile."""
+    m = tirx.Var("m", "int64")
+    sch = DensePacked().apply(packed_dense(m, 512, 64, panel), target, False)
+    assert sch is not None
+    main = sch.get_sblock(f"{ACCUMULATE}_update")
+    loops = [sch.get(loop) for loop in sch.get_loops(main)]
+    kind = tirx.ForKind
+    assert loops[0].kind == kind.PARALLEL and int(loops[0].extent) == 512 // panel
+    assert loops[-2].kind == kind.UNROLLED and int(loops[-2].extent) == ROWS
+    assert loops[-1].kind == kind.VECTORIZED and int(loops[-1].extent) == panel
+    assert int(loops[-3].extent) == 64  # the whole of K runs inside the tile
+    passes = tvm.s_tir.transform
+    lowered = passes.PlanAndUpdateBufferAllocationLocation()(passes.LowerInitBlock()(sch.mod))
+    compacted = passes.CompactBufferAllocation()(passes.ConvertBlocksToOpaque()(lowered))
+    assert f'alloc_buffer((T.int64({ROWS}), {panel}))' in compacted.script()  # global: a stack array
+
+
+def test_other_functions_are_left_to_other_rules():
+    x, w = te.placeholder((8, 16), name="x"), te.placeholder((4, 16), name="w")
+    r = te.reduce_axis((0, 16), "r")
+    y = te.compute((8, 4), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="NT_matmul")
+    assert DensePacked().apply(te.create_prim_func([x, w, y]), AVX2, False) is None
+
+
+@pytest.mark.parametrize("k,n", [(97, 130), (33, 16)])
+def test_compiled_linear_at_any_batch_on_packed_weights(k, n):
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(k, n), nn.GELU()).eval()
+    compiled = sfx.compile(layer, torch.randn(8, k))
+    panel = 2 * vector_lanes(compiled.target)
+    shapes = [tuple(p.shape) for p in compiled.params]
+    assert (-(-n // panel), k, panel) in shapes and (n, k) not in shapes  # stored packed, not repacked per call
+    for batch in (1, 7, 33):
+        x = torch.randn(batch, k)
+        with torch.no_grad():
+            want = layer(x)
+        assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
+
+
+def test_compiled_linear_on_flattened_rows():
+    """A (batch, 10, K) input reaches the layer as batch * 10 rows, a compound symbolic extent: such a
+    layer keeps its weights as they are (the matmul rule's dot-product kernel), and is still right."""
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 40).eval()
+    compiled = sfx.compile(layer, torch.randn(4, 10, 48))
+    for batch in (1, 3):
+        x = torch.randn(batch, 10, 48)
+        with torch.no_grad():
+            want = layer(x)
+        assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
