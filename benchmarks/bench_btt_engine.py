@@ -3,7 +3,7 @@
 Issue 12 asks that BTT's two stages share dense layers' GEMM. This measures whether they should yet:
 the kernel ``structfx.compile`` builds for BTT (``structfx/lowering/ops/btt.py``: both stages, the
 permute between them folded into stage 1's stores) against the same computation as two batched-matmul
-PrimFuncs given to the CPU schedule rules (``structfx.lowering.schedules.rules_for``: the first rule that
+PrimFuncs given to the CPU schedule rules (``structfx.lowering.schedules.schedule_rules_for``: the first rule that
 takes a function schedules it, as at compile time): stage 1 ``(m1, B, m0) @ w1 (m1, m0, r n0)`` with the
 input's transpose before it and the permuted store for stage 2 after it, stage 2 ``(n0, B, r m1) @ w2
 (n0, r m1, n1)`` with bias and the output's transpose after it. Rows are symbolic in both builds (as
@@ -21,7 +21,7 @@ import numpy as np
 
 from structfx.lowering.compat import te, tirx, tvm
 from structfx.lowering.ops.btt import BTTCPU, ROW_PAD, btt_te
-from structfx.lowering.schedules import rules_for
+from structfx.lowering.schedules import schedule_rules_for
 from structfx.lowering.target import host_target
 from structfx.nn.btt import btt_factors
 
@@ -53,8 +53,8 @@ def _int64(*extents):
 
 
 def _scheduled(func, target):
-    """``func`` scheduled by the first CPU rule that takes it, built."""
-    for rule in rules_for(target):
+    """``func`` scheduled by the first CPU schedule rule that takes it, built."""
+    for rule in schedule_rules_for(target):
         with target:
             sch = rule.apply(func, target, False)
         if sch is not None:

@@ -53,7 +53,7 @@ class OpSpec:
     - ``cost``: ``cost(layer) -> structfx.passes.cost.LayerCost`` (multiply-adds per row, padding) for the
       report; parameters are counted from the layer itself.
     - ``converter``: ``convert(node, importer, target) -> relax.Var`` for ``from_exported_program``.
-    - ``schedules``: ``OpRule`` classes (``structfx.lowering.ops.common``), each used on the target kind it
+    - ``schedules``: ``OpScheduleRule`` classes (``structfx.lowering.ops.common``), each used on the target kind it
       declares (``target_kind``), in this order.
     - ``cases``: the ``OpCase`` configurations the reference, gradient, export and compile tests run.
     - ``prefit``: optional ``prefit(rule, sites)`` preparing all module sites at once (SPM fits together).

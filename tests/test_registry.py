@@ -21,8 +21,8 @@ from structfx import registry
 from structfx.cli import app
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Schedule, Target, te, tirx
-from structfx.lowering.ops.common import OpRule, as_rows, find_block, from_rows
-from structfx.lowering.schedules import rules_for
+from structfx.lowering.ops.common import OpScheduleRule, as_rows, find_block, from_rows
+from structfx.lowering.schedules import schedule_rules_for
 from structfx.passes.cost import LayerCost
 from structfx.passes.registry import SkipSite
 from structfx.passes.rules.base import Rule
@@ -100,7 +100,7 @@ def convert_floor(node, importer, target: Target):
     return from_rows(importer, y, leading, importer.shape_of(shift)[0])
 
 
-class FloorCPU(OpRule):
+class FloorCPU(OpScheduleRule):
     """Rows in parallel, features vectorised."""
 
     scheduled: ClassVar[int] = 0  # how often this rule scheduled a kernel, for the test
@@ -197,7 +197,7 @@ def test_unregistered_it_is_gone_everywhere():
     assert TOY not in registry.specs()
     assert ShiftedFloor not in registry.layer_types()
     assert not hasattr(sfx, "ToyFloor") and not hasattr(sfx.nn, "ShiftedFloor")
-    assert FloorCPU not in {type(rule) for rule in rules_for(Target({"kind": "llvm"}))}
+    assert FloorCPU not in {type(rule) for rule in schedule_rules_for(Target({"kind": "llvm"}))}
     with pytest.raises(StructfxError, match="unknown rule 'toy_floor'; use one of: maxplus, maxplus_pool, spm, btt"):
         parse_rules("toy_floor")
     with pytest.raises(StructfxError, match="is not a structfx rule"):
@@ -220,7 +220,7 @@ def test_every_built_in_part_resolves():
     for spec in registry.specs():
         for part in parts:
             assert spec.load(part) is not None or part == "prefit"
-        assert all(issubclass(rule, OpRule) for rule in spec.load("schedules"))
+        assert all(issubclass(rule, OpScheduleRule) for rule in spec.load("schedules"))
         assert {rule.target_kind for rule in spec.load("schedules")} == {"llvm", "cuda"}
 
 

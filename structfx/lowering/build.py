@@ -19,7 +19,7 @@ from structfx.lowering.converters import converter_map
 from structfx.lowering.export import export_for_compile, input_specs, output_specs
 from structfx.lowering.graph_fixes import prepare_for_import
 from structfx.lowering.packing import lift_weight_packing
-from structfx.lowering.schedules import apply_schedules, legalize, rules_for
+from structfx.lowering.schedules import apply_schedules, legalize, schedule_rules_for
 from structfx.lowering.state import restored_state, warn_state_updates
 from structfx.lowering.target import resolve_target
 
@@ -196,7 +196,7 @@ def _failing_kernel(mod, target) -> str:
             continue
         try:
             with target:
-                tvm.s_tir.dlight.ApplyDefaultSchedule(*rules_for(target))(tvm.IRModule({gv: func}))
+                tvm.s_tir.dlight.ApplyDefaultSchedule(*schedule_rules_for(target))(tvm.IRModule({gv: func}))
         except FAILURES:
             return gv.name_hint
     return "(none alone)"

@@ -5,7 +5,7 @@ AnnotateTIROpPattern, FuseOps, FuseTIR, so bias adds, activations, residual adds
 the matmul they follow (one PrimFunc with the matmul block and its elementwise epilogue blocks) and
 chains of elementwise ops become one kernel. On the CPU a ``matmul(x, permute_dims(w))`` is first made
 one ``NT_matmul`` (TVM's FuseTransposeMatmul) that reads ``w`` in its stored (N, K) layout: no
-transposed copy of the weights per call, and the matmul rule's dot-product kernel reads both operands
+transposed copy of the weights per call, and the matmul schedule rule's dot-product kernel reads both operands
 contiguously. Our own kernels (PrimFuncs named ``structfx_*``) are marked opaque, so fusion leaves them,
 their names and their block names as they are: their schedule rules, ``CompiledModel.kernels`` and
 tuning's task extraction find them by those names.

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from structfx import registry
 from structfx.lowering.compat import Schedule, ScheduleRule, Target, dlight, normalize_prim_func
-from structfx.lowering.ops.common import OpRule, knob, vector_lanes
-from structfx.lowering.rules.spatial import parallel_vectorized
+from structfx.lowering.ops.common import OpScheduleRule, vector_lanes
+from structfx.lowering.schedule_rules.spatial import parallel_vectorized
 
 
-class GenericCPU(OpRule):
+class GenericCPU(OpScheduleRule):
     """Everything else on the CPU (TVM's legalized ops): inline what can be inlined, then run each
     block's spatial loops in parallel, an elementwise block's innermost loop vectorised. Correct for any
-    PrimFunc; fast only for simple ones. When tuning, elementwise blocks are split by a sampled factor
-    instead: the outer part in parallel, the inner vectorized."""
-
-    has_knobs = True
+    PrimFunc; fast only for simple ones. ``tune`` searches these kernels over MetaSchedule's standard
+    design space instead (``structfx.lowering.tuning.tasks.standard_space``), so this rule has no knobs."""
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         infos = normalize_prim_func(sch)
@@ -27,22 +25,15 @@ class GenericCPU(OpRule):
             spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
             if not spatial or len(spatial) != len(loops) - kinds.count("R") or kinds.count("O"):
                 continue
-            if not tunable and "R" not in kinds:
+            if "R" not in kinds:
                 parallel_vectorized(sch, info.block_rv, vector_lanes(target))
                 continue
             sch.reorder(*spatial, *[loop for loop, kind in zip(loops, kinds) if kind == "R"])
-            fused = sch.fuse(*spatial)
-            vector = knob(sch, 0, [4, 8, 16, 32, 64], tunable and "R" not in kinds)
-            if isinstance(vector, int):
-                sch.parallel(fused)
-            else:
-                outer, inner = sch.split(fused, [None, vector])
-                sch.parallel(outer)
-                sch.vectorize(inner)
+            sch.parallel(sch.fuse(*spatial))
         return True
 
 
-def rules_for(target: Target) -> list[ScheduleRule]:
+def schedule_rules_for(target: Target) -> list[ScheduleRule]:
     """The registered ops' rules for the target's kind (``OpSpec.schedules``), then the rules for everything
     else."""
     ours = [rule() for spec in registry.specs() for rule in spec.load("schedules")
@@ -50,9 +41,9 @@ def rules_for(target: Target) -> list[ScheduleRule]:
     if target.kind.name == "cuda":
         gpu = dlight.gpu
         return [*ours, gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
-    from structfx.lowering.rules.conv import Conv
-    from structfx.lowering.rules.dense_packed import DensePacked
-    from structfx.lowering.rules.matmul import Matmul
+    from structfx.lowering.schedule_rules.conv import Conv
+    from structfx.lowering.schedule_rules.dense_packed import DensePacked
+    from structfx.lowering.schedule_rules.matmul import Matmul
 
     return [*ours, DensePacked(), Matmul(), Conv(), dlight.cpu.Reduction(), GenericCPU()]
 
@@ -68,4 +59,4 @@ def legalize(mod, target: Target):
 def apply_schedules(mod, target: Target):
     """Schedule each PrimFunc of a legalized module not yet scheduled with the first rule that applies."""
     with target:
-        return dlight.ApplyDefaultSchedule(*rules_for(target))(mod)
+        return dlight.ApplyDefaultSchedule(*schedule_rules_for(target))(mod)

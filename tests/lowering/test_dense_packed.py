@@ -1,5 +1,5 @@
 """Dense layers on weights packed at compile time (structfx/lowering/packing.py) and their schedule rule
-(structfx/lowering/rules/dense_packed.py): numerics against torch at odd and prime sizes, batch 1 and
+(structfx/lowering/schedule_rules/dense_packed.py): numerics against torch at odd and prime sizes, batch 1 and
 symbolic rows, the loop nest the rule promises under named targets, and packing done once."""
 
 import numpy as np
@@ -11,7 +11,7 @@ import structfx as sfx
 from structfx.lowering.compat import Target, te, tirx, tvm
 from structfx.lowering.ops.common import vector_lanes
 from structfx.lowering.packing import ACCUMULATE, ROWS, dense_packed
-from structfx.lowering.rules.dense_packed import DensePacked
+from structfx.lowering.schedule_rules.dense_packed import DensePacked
 
 AVX2 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512f"]})
 AVX512 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
@@ -93,7 +93,7 @@ def test_compiled_linear_at_any_batch_on_packed_weights(k, n):
 
 def test_compiled_linear_on_flattened_rows():
     """A (batch, 10, K) input reaches the layer as batch * 10 rows, a compound symbolic extent: such a
-    layer keeps its weights as they are (the matmul rule's dot-product kernel), and is still right."""
+    layer keeps its weights as they are (the matmul schedule rule's dot-product kernel), and is still right."""
     torch.manual_seed(0)
     layer = nn.Linear(48, 40).eval()
     compiled = sfx.compile(layer, torch.randn(4, 10, 48))

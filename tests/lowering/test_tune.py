@@ -73,7 +73,7 @@ def test_the_rest_of_the_module_is_tuned_too(tmp_path):
     x = torch.randn(16, 64)
     sfx.tune(model, x, trials=2, database=tmp_path / "db", progress=False)
     kernels = {r["kernel"] for r in _records(tmp_path / "db")}
-    assert {"structfx_sparse_maxplus", "layer_norm"} <= kernels  # the matmul rule has no knobs
+    assert {"structfx_sparse_maxplus", "layer_norm"} <= kernels  # the matmul schedule rule has no knobs
     compiled = sfx.compile(model, x, database=tmp_path / "db")
     for rows in (16, 7, 300):  # traces tuned at 256 rows, replayed on the symbolic batch: fewer and more rows
         batch = torch.randn(rows, 64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, relax, te
 from structfx.lowering.ops.common import (
-    OpRule,
+    OpScheduleRule,
     as_rows,
     find_block,
     from_rows,
@@ -80,7 +80,7 @@ def convert_btt(node, importer, target: Target):
     return from_rows(importer, y, leading, out_features)
 
 
-class BTTCPU(OpRule):
+class BTTCPU(OpScheduleRule):
     """Two parallel batched matmuls over tasks of up to ROW_TILE rows. Each keeps a (REGISTER_ROWS x
     VECTORS vectors) accumulator tile in registers and sweeps its task's rows with one weight block in
     L1, so each weight load serves all of them. The rows are padded to ROW_PAD only: the last task stops
@@ -144,7 +144,7 @@ def _register_tile(sch: Schedule, block, rows_loop, row_loop, column_loop, reduc
     sch.decompose_reduction(block, reduction_loop)
 
 
-class BTTCUDA(OpRule):
+class BTTCUDA(OpScheduleRule):
     """Both contractions as thread-block tiles: a block owns GPU_ROWS rows and one input block (stage
     1) or output block (stage 2); its threads own output columns. Stage 2's shared operand (the rows'
     stage-1 slice) is staged once in shared memory; each thread accumulates its GPU_ROWS outputs in

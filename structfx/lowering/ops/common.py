@@ -135,8 +135,8 @@ def find_block(sch: Schedule, name: str):
         return None
 
 
-class OpRule(ScheduleRule, abc.ABC):
-    """A dlight-style rule for one of our kernels on one kind of target. ``schedule`` works on a Schedule
+class OpScheduleRule(ScheduleRule, abc.ABC):
+    """A dlight-style schedule rule for one of our kernels on one kind of target. ``schedule`` works on a Schedule
     it is given (MetaSchedule's own when tuning, with ``tunable=True``: knobs are then sampled) and
     returns False where the function is not its kernel."""
 
@@ -151,4 +151,4 @@ class OpRule(ScheduleRule, abc.ABC):
 
     @abc.abstractmethod
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
-        """Schedule ``sch`` in place; False when its function is not this rule's kernel."""
+        """Schedule ``sch`` in place; False when its function is not this schedule rule's kernel."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, te
 from structfx.lowering.ops.common import (
-    OpRule,
+    OpScheduleRule,
     as_rows,
     clamp,
     find_block,
@@ -52,7 +52,7 @@ def convert_maxplus(node, importer, target: Target):
     return from_rows(importer, y, leading, importer.shape_of(idx)[0])
 
 
-class MaxPlusCPU(OpRule):
+class MaxPlusCPU(OpScheduleRule):
     """Parallel over row tiles; per tile the input transpose, the candidates of each block of outputs
     and their transpose back run on cache-resident scratch buffers."""
 
@@ -79,7 +79,7 @@ def k_of(sch: Schedule, block) -> int:
     return int(sch.get(block).iter_vars[2].dom.extent)
 
 
-class MaxPlusCUDA(OpRule):
+class MaxPlusCUDA(OpScheduleRule):
     """One thread per output (b, j), threads of a block along j (coalesced stores); the transposed tile
     is inlined away and each thread keeps its running max in a register."""
 

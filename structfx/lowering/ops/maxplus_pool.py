@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Schedule, Target, te, tirx
-from structfx.lowering.ops.common import OpRule, find_block
+from structfx.lowering.ops.common import OpScheduleRule, find_block
 from structfx.nn.maxplus_pool import pooled_size
 
 POOL = "structfx_maxplus_pool2d"
@@ -40,7 +40,7 @@ def convert_maxplus_pool(node, importer, target: Target):
     )
 
 
-class MaxPlusPoolCPU(OpRule):
+class MaxPlusPoolCPU(OpScheduleRule):
     """Parallel over (image, channel, output row); the window max runs over each output row."""
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
@@ -54,7 +54,7 @@ class MaxPlusPoolCPU(OpRule):
         return True
 
 
-class MaxPlusPoolCUDA(OpRule):
+class MaxPlusPoolCUDA(OpScheduleRule):
     """One thread per output element; the window max runs in the thread."""
 
     target_kind = "cuda"

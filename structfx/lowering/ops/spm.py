@@ -12,7 +12,7 @@ import numpy as np
 
 from structfx.lowering.compat import Schedule, Target, relax, te, tirx
 from structfx.lowering.ops.common import (
-    OpRule,
+    OpScheduleRule,
     as_rows,
     clamp,
     find_block,
@@ -122,7 +122,7 @@ def convert_spm(node, importer, target: Target):
     return from_rows(importer, y, leading, out_features)
 
 
-class SPMCPU(OpRule):
+class SPMCPU(OpScheduleRule):
     """Parallel over row tiles; the input transpose, every stage and the output transpose of one tile
     run back to back on (N, lanes) scratch buffers (not L passes of the whole tensor through memory)."""
 
@@ -139,7 +139,7 @@ class SPMCPU(OpRule):
         return True
 
 
-class SPMCoefficientsCPU(OpRule):
+class SPMCoefficientsCPU(OpScheduleRule):
     """The small per-call coefficient kernel: (L, N) elements, parallel over stages."""
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
@@ -151,7 +151,7 @@ class SPMCoefficientsCPU(OpRule):
         return True
 
 
-class SPMCUDA(OpRule):
+class SPMCUDA(OpScheduleRule):
     """One thread block per batch row, every stage in ONE kernel: the row's N coordinates live in shared
     memory (dynamic, so buffers of stages that are done are reused), each stage is one pass of the
     block's threads over the coordinates, with a barrier between stages."""

@@ -1,7 +1,7 @@
 """What there is to tune in a model: every kernel whose design space samples something, as a PrimFunc
 with the batch fixed for measuring.
 
-Our kernels (``structfx_*``) are searched over their hand schedules' knobs (``OpRule.schedule`` with
+Our kernels (``structfx_*``) are searched over their hand schedules' knobs (``OpScheduleRule.schedule`` with
 ``tunable=True``); every other kernel over MetaSchedule's standard CPU design space (``PostOrderApply``
 with the target's default schedule rules: multi-level tiling, parallelisation, vectorisation, unrolling,
 and its default postprocessors). A kernel whose space has no sampled decision has one schedule only
@@ -17,8 +17,8 @@ import types
 from dataclasses import dataclass
 
 from structfx.lowering.compat import Schedule, Target, meta_schedule, tirx, tvm
-from structfx.lowering.ops.common import OpRule
-from structfx.lowering.schedules import rules_for
+from structfx.lowering.ops.common import OpScheduleRule
+from structfx.lowering.schedules import schedule_rules_for
 
 ms = meta_schedule
 
@@ -59,8 +59,8 @@ def workload_of(func: tirx.PrimFunc) -> tvm.IRModule:
 
 
 def hand_schedule(workload: tvm.IRModule, target: Target) -> Schedule | None:
-    """What compile's rules do to the workload: the first rule that applies (as ApplyDefaultSchedule)."""
-    for rule in rules_for(target):
+    """What compile's schedule rules do to the workload: the first that applies (as ApplyDefaultSchedule)."""
+    for rule in schedule_rules_for(target):
         with target:
             found = rule.apply(workload["main"], target, False)
         if isinstance(found, list):
@@ -70,7 +70,7 @@ def hand_schedule(workload: tvm.IRModule, target: Target) -> Schedule | None:
     return None
 
 
-def knob_space(rule: OpRule, target: Target) -> ms.space_generator.SpaceGenerator:
+def knob_space(rule: OpScheduleRule, target: Target) -> ms.space_generator.SpaceGenerator:
     """The rule's hand schedule with its knobs sampled: nothing else added, nothing checked after."""
 
     def sampled(sch: Schedule) -> Schedule:
@@ -107,7 +107,7 @@ def extract_tasks(mod: tvm.IRModule, target: Target) -> list[Task]:
             if hand is None:
                 continue
             if gv.name_hint.startswith(OUR_PREFIX):
-                rule = our_rule(workload["main"], target)
+                rule = our_schedule_rule(workload["main"], target)
                 space = knob_space(rule, target) if rule is not None and rule.has_knobs else None
             else:
                 space = standard_space()
@@ -116,10 +116,10 @@ def extract_tasks(mod: tvm.IRModule, target: Target) -> list[Task]:
     return tasks
 
 
-def our_rule(func: tirx.PrimFunc, target: Target) -> OpRule | None:
-    """The first of our OpRules that schedules ``func``."""
-    for rule in rules_for(target):
-        if isinstance(rule, OpRule) and rule.apply(func, target, False) is not None:
+def our_schedule_rule(func: tirx.PrimFunc, target: Target) -> OpScheduleRule | None:
+    """The first of our OpScheduleRules that schedules ``func``."""
+    for rule in schedule_rules_for(target):
+        if isinstance(rule, OpScheduleRule) and rule.apply(func, target, False) is not None:
             return rule
     return None
 

@@ -1,4 +1,4 @@
-"""What a PrimFunc computes, as the CPU rules need it: its matmul block and the role of each loop."""
+"""What a PrimFunc computes, as the CPU schedule rules need it: its matmul block and the role of each loop."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CPU matmul rule: dense layers (x times a transposed weight) and batched matmuls (attention), any M.
+"""CPU matmul schedule rule: dense layers (x times a transposed weight) and batched matmuls (attention), any M.
 
 Two register-blocked micro-kernels, chosen by which of B's axes is contiguous (Goto & van de Geijn,
 "Anatomy of high-performance matrix multiplication", 2008, for the register and cache blocking):
@@ -24,9 +24,9 @@ the micro-kernel has no tail.
 from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, tirx
-from structfx.lowering.ops.common import OpRule, vector_lanes
-from structfx.lowering.rules.analysis import MatmulForm, inline_epilogue, matmul_form, reduces, root_blocks
-from structfx.lowering.rules.spatial import parallel_tiles, parallel_vectorized
+from structfx.lowering.ops.common import OpScheduleRule, vector_lanes
+from structfx.lowering.schedule_rules.analysis import MatmulForm, inline_epilogue, matmul_form, reduces, root_blocks
+from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
 
 #: Bytes of B rows kept per parallel block of NT tiles (half of a 512 KiB L2, the rest for A and C).
 L2_BLOCK_BYTES = 256 * 1024
@@ -48,7 +48,7 @@ def nn_tile(lanes: int) -> tuple[int, int]:
     return (8, 3) if registers(lanes) >= 32 else (6, 2)
 
 
-class Matmul(OpRule):
+class Matmul(OpScheduleRule):
     """One matmul block per function (legalized ``matmul``/``NT_matmul``, fused with elementwise
     blocks after it, spatial blocks before it); float32."""
 

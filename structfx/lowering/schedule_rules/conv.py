@@ -1,8 +1,8 @@
-"""CPU convolution rule: direct convolution (conv1d/conv2d, NC(H)W, grouped and depthwise included).
+"""CPU convolution schedule rule: direct convolution (conv1d/conv2d, NC(H)W, grouped and depthwise included).
 
 A register tile of MR output channels by NR positions along the output's innermost axis accumulates in
 registers over every (input channel, kernel offset): per step MR broadcast weights and one vector load of
-the (padded) input row, the outer product of the two (the outer-product micro-kernel of the matmul rule,
+the (padded) input row, the outer product of the two (the outer-product micro-kernel of the matmul schedule rule,
 with the input row in place of B; Goto & van de Geijn 2008). Tiles over batch, channel blocks and output
 rows run in parallel; the fused epilogue (bias, batch norm, activation, residual add) is applied to each
 tile while it is in registers. The zero padding stays its own parallel, vectorised pass.
@@ -11,16 +11,16 @@ tile while it is in registers. The zero padding stays its own parallel, vectoris
 from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, tirx
-from structfx.lowering.ops.common import OpRule, present, vector_lanes
-from structfx.lowering.rules.analysis import conv_form, inline_epilogue, reduces, root_blocks
-from structfx.lowering.rules.matmul import registers
-from structfx.lowering.rules.spatial import parallel_tiles, parallel_vectorized
+from structfx.lowering.ops.common import OpScheduleRule, present, vector_lanes
+from structfx.lowering.schedule_rules.analysis import conv_form, inline_epilogue, reduces, root_blocks
+from structfx.lowering.schedule_rules.matmul import registers
+from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
 
 #: Widest tile along the output axis, in vectors.
 MAX_VECTORS = 2
 
 
-class Conv(OpRule):
+class Conv(OpScheduleRule):
     """One convolution block per function, spatial blocks (padding) before it, elementwise after it."""
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:

@@ -1,4 +1,4 @@
-"""CPU rule for dense layers on packed weights (``structfx.lowering.packing.dense_packed``), any M.
+"""CPU schedule rule for dense layers on packed weights (``structfx.lowering.packing.dense_packed``), any M.
 
 The GEMM micro-kernel of Goto & van de Geijn ("Anatomy of high-performance matrix multiplication",
 2008) on B packed into panels of P columns, (N / P, K, P), P two vectors: a register tile of ROWS rows
@@ -18,16 +18,16 @@ re-reads A's last row for the padded ones, never stored): a symbolic M needs no 
 from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, tirx
-from structfx.lowering.ops.common import OpRule, find_block, vector_lanes
+from structfx.lowering.ops.common import OpScheduleRule, find_block, vector_lanes
 from structfx.lowering.packing import ACCUMULATE, ROWS
-from structfx.lowering.rules.analysis import inline_epilogue, reduces, root_blocks
-from structfx.lowering.rules.spatial import parallel_tiles, parallel_vectorized
+from structfx.lowering.schedule_rules.analysis import inline_epilogue, reduces, root_blocks
+from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
 
 #: Below this many panels, row tiles run in parallel with the panels (too few panels to share out).
 MIN_PARALLEL_PANELS = 8
 
 
-class DensePacked(OpRule):
+class DensePacked(OpScheduleRule):
     """The ``dense_packed`` kernel with whatever elementwise blocks fusion put after it; float32."""
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:

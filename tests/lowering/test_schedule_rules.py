@@ -1,4 +1,4 @@
-"""The CPU rules for TVM's own ops (structfx/lowering/rules): numerics against torch at odd and prime
+"""The CPU schedule rules for TVM's own ops (structfx/lowering/schedule_rules): numerics against torch at odd and prime
 sizes, batch 1 and symbolic dims, and the loop nests each rule promises under named targets."""
 
 import re
@@ -10,8 +10,8 @@ from torch import nn
 
 import structfx as sfx
 from structfx.lowering.compat import Target, te, tirx, topi, tvm
-from structfx.lowering.rules.conv import Conv
-from structfx.lowering.rules.matmul import Matmul
+from structfx.lowering.schedule_rules.conv import Conv
+from structfx.lowering.schedule_rules.matmul import Matmul
 from structfx.lowering.schedules import GenericCPU
 from structfx.lowering.target import host_target
 

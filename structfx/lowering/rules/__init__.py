@@ -1,2 +1,0 @@
-"""Schedule rules for TVM's own ops on the CPU (matmul, reductions, elementwise), dlight-style: one rule a
-file, ``apply(func, target) -> Schedule | None``; ``structfx.lowering.schedules.rules_for`` orders them."""
