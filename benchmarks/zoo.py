@@ -52,6 +52,26 @@ def opt():
                               word_embed_proj_dim=128, use_cache=False, **TEXT))
 
 
+def gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    return GPT2Model(GPT2Config(n_embd=128, n_layer=2, n_head=2, n_inner=512, vocab_size=1000, n_positions=64,
+                                use_cache=False))
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    return LlamaModel(LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, use_cache=False, **TEXT))
+
+
+def mt5():
+    from transformers import MT5Config, MT5EncoderModel
+
+    return MT5EncoderModel(MT5Config(d_model=128, d_kv=64, d_ff=512, num_layers=2, num_heads=2, vocab_size=1000))
+
+
 def t5():
     from transformers import T5Config, T5EncoderModel
 
@@ -112,7 +132,10 @@ ZOO = [
     Entry("BERT", bert, _tokens),
     Entry("DistilBERT", distilbert, _tokens),
     Entry("OPT", opt, _tokens),
+    Entry("GPT-2", gpt2, _tokens),
+    Entry("Llama", llama, _tokens),
     Entry("T5 encoder", t5, _tokens),
+    Entry("MT5 encoder", mt5, _tokens),
     Entry("ViT", vit, _images),
     Entry("ResNet", resnet, _images),
     Entry("RegNet", regnet, _images),
