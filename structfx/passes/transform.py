@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
-from structfx.errors import StructfxError
+from structfx.errors import StructfxError, require_module
 from structfx.nn import InPlace
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
@@ -89,10 +89,7 @@ def transform(
     are not tensors, a calibration batch whose trailing shape or dtype differs from the example's) and
     for any failure while running or rewriting the model.
     """
-    if not isinstance(model, nn.Module):
-        raise StructfxError(
-            f"transform takes an nn.Module, got {type(model).__name__}: wrap the function in a module's forward"
-        )
+    require_module(model, "transform")
     rules = _checked_rules(rules)
     example = _as_args(example_inputs, "example_inputs")
     _check_positional_call(model, example)
