@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
+from structfx import registry
 from structfx.errors import StructfxError, require_module
 from structfx.nn import InPlace
 from structfx.nn.fitting import relative_error
@@ -94,6 +95,7 @@ def transform(
     example = _as_args(example_inputs, "example_inputs")
     _check_positional_call(model, example)
     batches = [example, *_calibration_batches(calibration, example)]
+    structured = [name for name, m in model.named_modules() if isinstance(m, registry.layer_types())]
     with torch.random.fork_rng(devices=_cuda_devices(model)):  # the global RNG is left as it was
         result = copy.deepcopy(model)
         labels = ["example_inputs", *(f"calibration batch {i}" for i in range(len(batches) - 1))]
@@ -116,7 +118,7 @@ def transform(
             outputs, _ = _run_model(_outputs, result, measured, labels[1:] or labels, "the transformed model")
     setattr(result, REPORT_ATTRIBUTE, Report(
         rewriter.rows, output_errors(outputs, reference_outputs[1:] or reference_outputs),
-        "calibration inputs" if len(batches) > 1 else "example inputs",
+        "calibration inputs" if len(batches) > 1 else "example inputs", structured,
     ))
     return result
 

@@ -49,3 +49,14 @@ def test_report_of_an_untransformed_model():
 def test_bad_example_inputs():
     with pytest.raises(sfx.StructfxError, match="example_inputs must be a tensor or a non-empty tuple"):
         sfx.transform(_mlp(), sfx.BTT(), example_inputs=())
+
+
+def test_transforming_a_transformed_model_says_its_layers_are_already_structured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(4, 64)
+    once = sfx.transform(model, [sfx.BTT(rank=2)], example_inputs=(x,))
+    twice = sfx.report(sfx.transform(once, [sfx.BTT(rank=2)], example_inputs=(x,)))
+    assert twice.replaced == [] and twice.already_structured == ["0", "2"]
+    assert "2 layer(s) already structured before this transform, left as they are (0, 2)" in twice.to_markdown()
+    assert "already structured" not in sfx.report(once).to_markdown()
