@@ -65,11 +65,17 @@ def load_builder(spec: str):
         raise StructfxError(f"{path} does not exist")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: any failure is reported as theirs, cause chained
+        raise StructfxError(f"importing {path} failed: {type(e).__name__}: {e}") from e
     build = getattr(module, name, None)
     if not callable(build):
         raise StructfxError(f"{path} has no function {name!r}")
-    built = build()
+    try:
+        built = build()
+    except Exception as e:  # as above
+        raise StructfxError(f"the builder {spec} raised {type(e).__name__}: {e}") from e
     if not (isinstance(built, tuple) and len(built) == 2):
         raise StructfxError(f"{spec} must return (model, example_inputs), got {type(built).__name__}")
     return built
@@ -89,9 +95,14 @@ def compile_command(
     import structfx as sfx
     from structfx.passes.rules.spec import parse_rules
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise StructfxError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if database is not None and not database.is_dir():
+        raise StructfxError(f"--database {database} does not exist; make one with 'structfx tune'")
+    parsed = parse_rules(rules) if rules else None
     model, example = load_builder(builder)
-    if rules:
-        model = sfx.transform(model, parse_rules(rules), example_inputs=example)
+    if parsed:
+        model = sfx.transform(model, parsed, example_inputs=example)
         typer.echo(sfx.report(model).to_markdown())
     compiled = sfx.compile(model, example, target=target, database=database)
     typer.echo(f"saved {compiled.save(out, overwrite=overwrite)}")
@@ -112,9 +123,10 @@ def tune(
     import structfx as sfx
     from structfx.passes.rules.spec import parse_rules
 
+    parsed = parse_rules(rules) if rules else None
     model, example = load_builder(builder)
-    if rules:
-        model = sfx.transform(model, parse_rules(rules), example_inputs=example)
+    if parsed:
+        model = sfx.transform(model, parsed, example_inputs=example)
     try:
         sfx.tune(model, example, target=target, trials=trials, database=database, rpc=rpc, key=key)
     except KeyboardInterrupt:

@@ -3,3 +3,22 @@
 
 class StructfxError(Exception):
     """A user-facing error raised by structfx (bad input, bad configuration, bad artifact)."""
+
+
+def require_module(model: object, entry: str) -> None:
+    """Raise StructfxError unless ``model`` is an ``nn.Module``: ``entry`` (e.g. "compile") is the public
+    function that was given it."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise StructfxError(
+            f"{entry} takes an nn.Module, got {type(model).__name__}: wrap the function in a module's forward"
+        )
+
+
+def require_path(path: object, what: str) -> None:
+    """Raise StructfxError unless ``path`` is a str or an ``os.PathLike``; ``what`` names the argument."""
+    import os
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise StructfxError(f"{what} must be a directory path (str or pathlib.Path), got {type(path).__name__}")

@@ -74,4 +74,50 @@ def test_run_with_a_wrong_shape_or_path(artifact, tmp_path):
 
 def test_compile_refuses_to_overwrite(artifact):
     result = _invoke("compile", "examples/models.py:mlp", "--out", artifact)
-    assert result.exit_code == 2 and "exists and is not empty" in result.output
+    assert result.exit_code == 2 and "exists and is not empty" in result.output and "--overwrite" in result.output
+
+
+BUILDERS = '''
+import pathlib
+import torch
+
+def raises():
+    raise ValueError("boom")
+
+def counted():
+    pathlib.Path(__file__).with_name("built").touch()
+    return torch.nn.Linear(4, 4), (torch.randn(2, 4),)
+'''
+
+
+@pytest.fixture
+def builders(tmp_path):
+    (tmp_path / "builders.py").write_text(BUILDERS)
+    return tmp_path
+
+
+def test_a_failing_builder_is_one_line_naming_it_and_its_exception(builders):
+    result = _invoke("compile", f"{builders}/builders.py:raises", "--out", builders / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == f"error: the builder {builders}/builders.py:raises raised ValueError: boom"
+    (builders / "broken.py").write_text("import no_such_module_anywhere\n")
+    result = _invoke("tune", f"{builders}/broken.py:build", "--database", builders / "db")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert f"importing {builders}/broken.py failed: ModuleNotFoundError" in result.output
+
+
+@pytest.mark.parametrize("option, message", [
+    ("out", "exists and is not empty; choose another --out or pass --overwrite"),
+    ("database", "does not exist; make one with 'structfx tune'"),
+    ("rules", "unknown rule 'dense'"),
+])
+def test_compile_checks_its_options_before_building(builders, option, message):
+    taken = builders / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("user data")
+    args = {"out": ["--out", taken], "database": ["--out", builders / "new", "--database", builders / "none"],
+            "rules": ["--out", builders / "new", "--rules", "dense:k=1"]}[option]
+    result = _invoke("compile", f"{builders}/builders.py:counted", *args)
+    assert result.exit_code == 2 and message in result.output
+    assert not (builders / "built").exists()  # the builder never ran
+    assert (taken / "mine.txt").read_text() == "user data"

@@ -12,16 +12,17 @@ import re
 import torch
 from torch import Tensor, nn
 
-from structfx.errors import StructfxError
+from structfx.errors import StructfxError, require_module, require_path
 from structfx.lowering.compat import detach_params, from_exported_program, relax, tvm
 from structfx.lowering.compiled import CompiledModel
 from structfx.lowering.converters import converter_map
-from structfx.lowering.export import export_for_compile, input_specs, output_specs
+from structfx.lowering.export import example_arguments, export_for_compile, input_specs, output_specs
 from structfx.lowering.graph_fixes import prepare_for_import
 from structfx.lowering.packing import lift_weight_packing
 from structfx.lowering.schedules import apply_schedules, legalize, schedule_rules_for
 from structfx.lowering.state import restored_state, warn_state_updates
 from structfx.lowering.target import resolve_target
+from structfx.lowering.tuning.database import TuningDatabase
 
 #: What TVM and the torch importer raise (TVM's own errors subclass RuntimeError, ValueError...).
 FAILURES = (RuntimeError, ValueError, TypeError, AssertionError, KeyError, IndexError, NotImplementedError,
@@ -54,8 +55,12 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     without an arch on a machine without a GPU), and a database that is not one or was tuned for
     another target or TVM version.
     """
-    args = (example_inputs,) if isinstance(example_inputs, (Tensor, dict)) else tuple(example_inputs)
+    require_module(model, "compile")
+    args = example_arguments(example_inputs, "compile")
     tvm_target = resolve_target(target)
+    if database is not None:
+        require_path(database, "database")
+        TuningDatabase(database, tvm_target, create=False)  # a wrong database fails before the long steps
     with restored_state(model) as updated:
         program = export_for_compile(model, args)
     warn_state_updates(model, updated)

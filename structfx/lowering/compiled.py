@@ -9,7 +9,7 @@ from torch import Tensor
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Target, relax, tvm
-from structfx.runtime.signature import TensorSpec, check_inputs
+from structfx.runtime.signature import TensorSpec, check_inputs, type_name
 
 
 class CompiledModel:
@@ -65,8 +65,9 @@ class CompiledModel:
             devices = " or ".join(sorted(allowed))
             raise StructfxError(f"inputs must be on {devices} for this {self.target.kind.name} build")
         check_inputs(self.inputs, [
-            (tuple(a.shape), str(a.dtype).removeprefix("torch.")) if isinstance(a, Tensor) else None for a in args
-        ])
+            (tuple(a.shape), str(a.dtype).removeprefix("torch.")) if isinstance(a, Tensor) else type_name(a)
+            for a in args
+        ], "a torch tensor (or use structfx.runtime.load for numpy arrays)")
 
     def device_source(self) -> str:
         """The generated device code of a cuda build (CUDA C), to see what the schedules produced."""

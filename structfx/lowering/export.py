@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from structfx.errors import StructfxError
+from structfx.lowering.state import warn_training_mode
 from structfx.passes.recording import evaluation_mode
 from structfx.runtime.signature import TensorSpec
 
@@ -45,11 +46,26 @@ class DynamicDim:
         return f"dim {self.dim} ({self.role}) of input {names[self.input]!r}"
 
 
+def example_arguments(example_inputs, entry: str) -> tuple:
+    """``example_inputs`` as the tuple of forward's positional arguments: a tensor (or dict) is one
+    argument, a tuple or list is several. Raises StructfxError naming ``entry`` for anything else."""
+    if isinstance(example_inputs, (Tensor, dict)):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    hint = ": convert numpy arrays with torch.from_numpy" if hasattr(example_inputs, "__array__") else ""
+    raise StructfxError(
+        f"{entry}'s example_inputs must be a tensor or a tuple of a forward call's inputs, got "
+        f"{type(example_inputs).__name__}{hint}"
+    )
+
+
 def export_for_compile(model: nn.Module, args: tuple) -> torch.export.ExportedProgram:
     """Export ``model`` on ``args`` in eval mode, with the dims of ``requested_dims`` symbolic where the
     model allows. Raises StructfxError (stage "export") naming the cause and the fix."""
     names = input_names(model, len(args))
     check_example_inputs(model, args, names)
+    warn_training_mode(model, stacklevel=3)
     requested = requested_dims(model, args)
     example = _exportable_example(args, requested)
     with evaluation_mode(model), torch.no_grad(), _register_output_types(model):
@@ -141,8 +157,9 @@ def requested_dims(model: nn.Module, args: tuple) -> list[DynamicDim]:
     """Dim 0 of every tensor with at least one dim, except a dim 0 of size 1 beside a larger one (an input
     that broadcasts over the batch, e.g. a (1, d) bias); for a model with a (transformers) config, dim 1 of
     rank-2 integer tensors (token ids and their masks), bounded by the model's maximum sequence length
-    where the config gives one."""
-    config = getattr(model, "config", None)
+    where the config gives one. The config is the model's own, else its first submodule's that has one (a
+    wrapper module around a transformers model)."""
+    config = next((m.config for m in model.modules() if getattr(m, "config", None) is not None), None)
     longest = next((getattr(config, f) for f in MAX_LENGTH_FIELDS if isinstance(getattr(config, f, None), int)), None)
     batch = max((arg.shape[0] for arg in args if arg.dim() > 0), default=0)
     dims = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from structfx.errors import StructfxError
+from structfx.errors import StructfxError, require_path
 from structfx.lowering.compat import tvm
 from structfx.runtime.artifact import KERNELS, WEIGHTS, write_manifest
 
@@ -17,6 +17,7 @@ from structfx.runtime.artifact import KERNELS, WEIGHTS, write_manifest
 def save_artifact(compiled, directory: str | Path, overwrite: bool = False) -> Path:
     """Write into a temporary directory beside ``directory`` and rename it into place: an interrupted
     save leaves no half artifact, and an existing directory is replaced only with ``overwrite=True``."""
+    require_path(directory, "save's directory")
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise StructfxError(f"{target} exists and is not empty; choose another path or pass overwrite=True")

@@ -1,7 +1,9 @@
-"""The user's model is left as compile found it. Exporting runs forward (the eager check of the example
-inputs, and tracing), and a forward may update a buffer (``self.n += 1``, running statistics): every
-parameter and buffer is restored afterwards, and the ones forward changed are named in a warning, since
-the compiled model does not carry such updates."""
+"""The user's model is left as compile found it, and compile says what it does not carry over.
+
+Exporting runs forward (the eager check of the example inputs, and tracing), and a forward may update a
+buffer (``self.n += 1``, running statistics): every parameter and buffer is restored afterwards, and the
+ones forward changed are named in a warning, since the compiled model does not carry such updates. The
+model is exported in eval mode; modules in training mode that behave differently are named in a warning."""
 
 from __future__ import annotations
 
@@ -41,4 +43,22 @@ def warn_state_updates(model: nn.Module, names: list[str]) -> None:
             f"{type(model).__name__}.forward updates {', '.join(names)}: the compiled model computes every call "
             f"from their values at compile time and does not update them (the model itself is left unchanged)",
             stacklevel=3,
+        )
+
+
+def warn_training_mode(model: nn.Module, stacklevel: int) -> None:
+    """Warn that compile runs ``model`` in eval mode where one of its modules is in training mode and its
+    forward reads ``self.training`` (Dropout, BatchNorm, a custom module that branches on it): the
+    compiled model keeps the eval behaviour. Modules whose forward does not read the mode are not named."""
+    named = [
+        f"{type(module).__name__} at {name or '(the model)'}"
+        for name, module in model.named_modules()
+        if module.training and "training" in getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
+    ]
+    if named:
+        shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+        warnings.warn(
+            f"compile runs the model in eval mode: {shown} {'is' if len(named) == 1 else 'are'} in training mode; "
+            f"call model.eval() first to silence this",
+            stacklevel=stacklevel + 1,
         )

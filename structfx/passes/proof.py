@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from structfx.passes.recording import Call, evaluation_mode
+from structfx.passes.recording import Call, evaluation_mode, preserved_state
 
 #: How deep ``same`` looks into objects that are not tensors or containers (a cache holding tensors).
 _OBJECT_DEPTH = 4
@@ -22,17 +22,26 @@ def disproof(region: nn.Module, calls: list[Call]) -> str | None:
     kept = [call for call in calls if call.after is not None]
     if not kept:
         return "no recorded call to prove it on (neither the example inputs nor the first calibration batches)"
-    for call in kept:
-        args, kwargs = call.fresh()
-        with torch.no_grad(), evaluation_mode(region):
-            try:
-                output = region(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - any failure of the rewritten code is reported, not raised
-                return f"the rewritten code fails on batch {call.batch}: {type(e).__name__}: {_first_line(e)}"
-        if not same(output, call.output):
-            return f"its output differs from the original's on batch {call.batch}"
-        if not same((args, kwargs), call.after):
-            return f"it changes its inputs differently from the original on batch {call.batch}"
+    with preserved_state(region):
+        for call in kept:
+            args, kwargs = call.fresh()
+            buffers = {name: b.detach().clone() for name, b in region.named_buffers()}
+            with torch.no_grad(), evaluation_mode(region):
+                try:
+                    output = region(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - any failure of the rewritten code is reported, not raised
+                    return f"the rewritten code fails on batch {call.batch}: {type(e).__name__}: {_first_line(e)}"
+            if not same(output, call.output):
+                updated = [name for name, b in region.named_buffers() if not same(b, buffers.get(name))]
+                if updated:
+                    return (
+                        f"its output depends on state its forward changes (buffer {', '.join(updated)}), so a replay "
+                        f"of batch {call.batch} cannot be compared with the recorded call; update the buffer outside "
+                        f"forward for its layers to be replaced"
+                    )
+                return f"its output differs from the original's on batch {call.batch}"
+            if not same((args, kwargs), call.after):
+                return f"it changes its inputs differently from the original on batch {call.batch}"
     return None
 
 

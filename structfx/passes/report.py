@@ -35,7 +35,8 @@ class Report:
     that fell back (a part tracing could not reach): the rule, whether it was replaced, skipped (and why)
     or fell back, old and new parameter counts, multiply-adds per input row (for max-plus: add-max pairs;
     pools: window size), the layer's relative error ``||new - old|| / ||old||`` on its recorded inputs,
-    and any padding.
+    and any padding. ``already_structured`` names the layers that were structured before transform ran
+    (a model transformed twice): transform leaves them as they are.
 
     ``output_errors`` maps each output (its pytree path, e.g. ``['pooler_output']``; ``output`` for a
     single tensor) to ``||new - old|| / ||old||`` over all measured batches (``measured_on``: "calibration
@@ -48,6 +49,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     output_errors: dict[str, float | None] = field(default_factory=dict)
     measured_on: str = "example inputs"
+    already_structured: list[str] = field(default_factory=list)
 
     @property
     def model_error(self) -> float | None:
@@ -76,6 +78,7 @@ class Report:
             "replaced": len(self.replaced),
             "skipped": len(self.skipped),
             "fell_back": len(self.fell_back),
+            "already_structured": list(self.already_structured),
             "rows": [asdict(row) for row in self.rows],
         }
 
@@ -94,6 +97,12 @@ class Report:
         total_old = sum(r.params_old for r in self.replaced)
         total_new = sum(r.params_new for r in self.replaced)
         lines.append("")
+        if self.already_structured:
+            shown = ", ".join(self.already_structured[:5]) + (", ..." if len(self.already_structured) > 5 else "")
+            lines.append(
+                f"{len(self.already_structured)} layer(s) already structured before this transform, left as they "
+                f"are ({shown}): transform the original model to structure them differently"
+            )
         lines.append(
             f"{len(self.replaced)} replaced, {len(self.skipped)} skipped, {len(self.fell_back)} fell back "
             f"(not traced); parameters of replaced layers {total_old:,} -> {total_new:,}"

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
-from structfx.errors import StructfxError
+from structfx import registry
+from structfx.errors import StructfxError, require_module
 from structfx.nn import InPlace
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
@@ -89,14 +90,12 @@ def transform(
     are not tensors, a calibration batch whose trailing shape or dtype differs from the example's) and
     for any failure while running or rewriting the model.
     """
-    if not isinstance(model, nn.Module):
-        raise StructfxError(
-            f"transform takes an nn.Module, got {type(model).__name__}: wrap the function in a module's forward"
-        )
+    require_module(model, "transform")
     rules = _checked_rules(rules)
     example = _as_args(example_inputs, "example_inputs")
     _check_positional_call(model, example)
     batches = [example, *_calibration_batches(calibration, example)]
+    structured = [name for name, m in model.named_modules() if isinstance(m, registry.layer_types())]
     with torch.random.fork_rng(devices=_cuda_devices(model)):  # the global RNG is left as it was
         result = copy.deepcopy(model)
         labels = ["example_inputs", *(f"calibration batch {i}" for i in range(len(batches) - 1))]
@@ -119,7 +118,7 @@ def transform(
             outputs, _ = _run_model(_outputs, result, measured, labels[1:] or labels, "the transformed model")
     setattr(result, REPORT_ATTRIBUTE, Report(
         rewriter.rows, output_errors(outputs, reference_outputs[1:] or reference_outputs),
-        "calibration inputs" if len(batches) > 1 else "example inputs",
+        "calibration inputs" if len(batches) > 1 else "example inputs", structured,
     ))
     return result
 

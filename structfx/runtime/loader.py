@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from structfx.errors import StructfxError
+from structfx.errors import StructfxError, require_path
 from structfx.runtime.artifact import KERNELS, WEIGHTS, read_verified_manifest
 from structfx.runtime.host import X86_FEATURES, cpu_flags
-from structfx.runtime.signature import TensorSpec, check_inputs
+from structfx.runtime.signature import TensorSpec, check_inputs, type_name
 
 
 class Runtime:
@@ -27,7 +27,9 @@ class Runtime:
 
         torch_in = any(type(a).__module__.startswith("torch") for a in args)
         arrays = [_as_numpy(a) for a in args]
-        check_inputs(self.inputs, [None if a is None else (tuple(a.shape), str(a.dtype)) for a in arrays])
+        check_inputs(self.inputs, [
+            type_name(arg) if a is None else (tuple(a.shape), str(a.dtype)) for arg, a in zip(args, arrays)
+        ], "a numpy array or a CPU torch tensor")
         values = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
         result = self._vm["main"](*values, *self._params)
         leaves = [result] if hasattr(result, "numpy") else list(result)
@@ -57,6 +59,7 @@ def load(directory: str | Path, device: str = "cpu") -> Runtime:
     the build, a CPU without the instruction-set features the build uses, no CUDA GPU, or a GPU whose
     compute capability cannot run the build's CUDA architecture.
     """
+    require_path(directory, "load's directory")
     root = Path(directory)
     manifest = read_verified_manifest(root)
     _check_runnable(manifest["target"], device)
@@ -124,4 +127,3 @@ def _as_numpy(value):
     if hasattr(value, "__dlpack__"):  # a torch tensor (CPU): no copy
         return np.from_dlpack(value.detach() if hasattr(value, "detach") else value)
     return None
-

@@ -39,16 +39,17 @@ class TensorSpec:
         return cls(data["name"], tuple(data["shape"]), data["dtype"], bounds)
 
 
-def check_inputs(specs: list[TensorSpec], values: list[tuple[tuple[int, ...], str] | None]) -> None:
-    """Each value as (shape, dtype name), or None for something that is not an array at all. Raises
-    StructfxError naming the input, what it got and what is expected."""
+def check_inputs(specs: list[TensorSpec], values: list[tuple[tuple[int, ...], str] | str], takes: str) -> None:
+    """Each value as (shape, dtype name), or the type name of something the caller does not take;
+    ``takes`` says what the caller takes ("a torch tensor"). Raises StructfxError naming the input, what
+    it got and what is expected."""
     expected = "; ".join(s.describe() for s in specs)
     if len(values) != len(specs):
         raise StructfxError(f"expected {len(specs)} input(s) ({expected}), got {len(values)}")
     sizes: dict[str, tuple[int, str]] = {}
     for value, spec in zip(values, specs):
-        if value is None:
-            raise StructfxError(f"{spec.name} must be an array ({spec.describe()})")
+        if isinstance(value, str):
+            raise StructfxError(f"{spec.name} is a {value}: pass {takes} ({spec.describe()})")
         shape, dtype = value
         got = f"{spec.name} got ({', '.join(map(str, shape))}) {dtype}, expected {spec.describe()}"
         fits = len(shape) == len(spec.shape) and all(
@@ -66,3 +67,9 @@ def check_inputs(specs: list[TensorSpec], values: list[tuple[tuple[int, ...], st
             if want in sizes and sizes[want][0] != size:
                 raise StructfxError(f"{got}: {want} is {sizes[want][0]} in {sizes[want][1]}; they must match")
             sizes[want] = (size, spec.name)
+
+
+def type_name(value: object) -> str:
+    """``value``'s type as an error message names it: ``list``, ``numpy.ndarray``."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"

@@ -1,6 +1,8 @@
 """compile() on what a first user tried: negative indices, slice assignment, scans of bools, dtypes,
 models with buffers, broadcast inputs and bad calls. Each matches eager PyTorch or raises StructfxError."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -185,6 +187,91 @@ def test_keyword_arguments_are_refused_with_what_the_model_takes():
     compiled = sfx.compile(nn.Linear(16, 4), torch.randn(4, 16))
     with pytest.raises(StructfxError, match=r"takes its tensor inputs positionally \(input\).*scale"):
         compiled(torch.randn(4, 16), scale=2.0)
+
+
+def test_a_numpy_input_is_refused_naming_what_to_pass():
+    compiled = sfx.compile(nn.Linear(16, 16).eval(), (torch.randn(4, 16),))
+    with pytest.raises(StructfxError, match=r"input is a numpy.ndarray: pass a torch tensor \(or use "
+                                            r"structfx.runtime.load for numpy arrays\)"):
+        compiled(torch.randn(4, 16).numpy())
+    with pytest.raises(StructfxError, match="input is a list: pass a torch tensor"):
+        compiled([[0.0] * 16])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: sfx.compile(lambda z: z * 2, (torch.randn(2, 4),)), "compile takes an nn.Module, got function"),
+        (lambda: sfx.tune(lambda z: z * 2, (torch.randn(2, 4),)), "tune takes an nn.Module, got function"),
+        (lambda: sfx.compile(nn.Linear(4, 4), 5), "compile's example_inputs must be a tensor or a tuple"),
+        (lambda: sfx.compile(nn.Linear(4, 4), torch.randn(2, 4).numpy()), "convert numpy arrays"),
+        (lambda: sfx.tune(nn.Linear(4, 4), torch.randn(2, 4), database=5), "database must be a directory path"),
+        (lambda: sfx.compile(nn.Linear(4, 4), torch.randn(2, 4), database=5), "database must be a directory path"),
+    ],
+)
+def test_entry_points_refuse_arguments_of_the_wrong_kind(call, message):
+    with pytest.raises(StructfxError, match=message):
+        call()
+
+
+def test_a_database_that_is_not_one_fails_before_exporting(tmp_path, monkeypatch):
+    import structfx.lowering.build as build
+
+    def no_export(*args):
+        raise AssertionError("compile exported before checking its database")
+
+    monkeypatch.setattr(build, "export_for_compile", no_export)
+    with pytest.raises(StructfxError, match="is not a structfx tuning database"):
+        sfx.compile(nn.Linear(4, 4), torch.randn(2, 4), database=tmp_path / "missing")
+
+
+class Dropping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.dropout(self.fc(x))
+
+
+def test_compile_warns_of_modules_in_training_mode_and_leaves_the_mode():
+    torch.manual_seed(0)
+    model, x = Dropping(), torch.randn(4, 16)
+    with pytest.warns(UserWarning, match=r"compile runs the model in eval mode: Dropout at dropout is in training "
+                                         r"mode; call model.eval\(\) first"):
+        compiled = sfx.compile(model, x)
+    assert model.training and model.dropout.training
+    with torch.no_grad():
+        assert _relative(compiled(x), model.eval()(x)) < 1e-5  # the eval behaviour, as the warning says
+
+
+def test_a_model_without_mode_dependent_modules_compiles_without_the_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compile runs the model in eval mode")
+        sfx.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4))  # in training mode, harmlessly
+
+
+class Wrapper(nn.Module):
+    """Not a transformers class, around one: no config of its own."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, mask):
+        return self.inner(ids, mask).last_hidden_state
+
+
+def test_a_wrapper_keeps_the_sequence_dim_of_the_model_inside():
+    from structfx.lowering.export import export_for_compile, input_specs
+    from tests.lowering.zoo import ZOO
+
+    entry = next(e for e in ZOO if e.name == "bert")
+    program = export_for_compile(Wrapper(entry.build()), entry.inputs(2, 16))
+    assert [(s.shape, s.bounds.get("sequence")) for s in input_specs(program)] == [
+        (("batch", "sequence"), (1, 32)), (("batch", "sequence"), (1, 32))
+    ]
 
 
 def _causal_lm(name: str) -> nn.Module:

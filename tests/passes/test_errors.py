@@ -49,3 +49,35 @@ def test_report_of_an_untransformed_model():
 def test_bad_example_inputs():
     with pytest.raises(sfx.StructfxError, match="example_inputs must be a tensor or a non-empty tuple"):
         sfx.transform(_mlp(), sfx.BTT(), example_inputs=())
+
+
+def test_transforming_a_transformed_model_says_its_layers_are_already_structured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(4, 64)
+    once = sfx.transform(model, [sfx.BTT(rank=2)], example_inputs=(x,))
+    twice = sfx.report(sfx.transform(once, [sfx.BTT(rank=2)], example_inputs=(x,)))
+    assert twice.replaced == [] and twice.already_structured == ["0", "2"]
+    assert "2 layer(s) already structured before this transform, left as they are (0, 2)" in twice.to_markdown()
+    assert "already structured" not in sfx.report(once).to_markdown()
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+        self.register_buffer("cnt", torch.zeros(()))
+
+    def forward(self, x):
+        self.cnt += 1
+        return torch.relu(self.l(x)) + self.cnt
+
+
+def test_a_layer_skipped_for_state_its_forward_changes_says_so():
+    rules = [sfx.BTT(rank=1000, min_features=1), sfx.MaxPlus(k=2, init="relu", min_features=1)]
+    model = Counting().eval()
+    result = sfx.transform(model, rules, example_inputs=(torch.randn(2, 16),))
+    skipped = {row.name: row.reason for row in sfx.report(result).skipped}
+    assert skipped.keys() == {"l", "relu"}
+    assert all("its output depends on state its forward changes (buffer cnt)" in why for why in skipped.values())
+    assert model.cnt.item() == 0 and result.cnt.item() == 0

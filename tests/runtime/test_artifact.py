@@ -149,3 +149,14 @@ def test_save_refuses_to_overwrite_and_leaves_nothing_half_written(digits_artifa
 def test_wrong_input_shape_at_run_time(digits_artifact):
     with pytest.raises(sfx.StructfxError, match=r"got \(3, 63\) float32, expected input: \(batch, 64\) float32"):
         load(digits_artifact[1])(np.zeros((3, 63), np.float32))
+
+
+def test_an_input_that_is_not_an_array_names_what_to_pass(digits_artifact):
+    with pytest.raises(sfx.StructfxError, match=r"input is a list: pass a numpy array or a CPU torch tensor \(input: "
+                                                r"\(batch, 64\) float32\)"):
+        load(digits_artifact[1])([[0.0] * 64])
+
+
+def test_load_refuses_a_path_of_the_wrong_kind():
+    with pytest.raises(sfx.StructfxError, match="load's directory must be a directory path .* got int"):
+        load(5)

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch import Tensor, nn
 
-from structfx.errors import StructfxError
+from structfx.errors import StructfxError, require_module, require_path
 from structfx.lowering.compat import Schedule, Target, derived_object, meta_schedule, tar, tirx, tvm
 from structfx.lowering.target import resolve_target
 from structfx.lowering.tuning.database import Record, RecordsDatabase, TuningDatabase, plain_json, workload_hash
@@ -55,14 +55,16 @@ def tune(
     and what compile raises for the model. Leaves no worker process and no build directory behind.
     """
     from structfx.lowering.build import legalize_module, lower_to_relax
-    from structfx.lowering.export import export_for_compile
+    from structfx.lowering.export import example_arguments, export_for_compile
 
+    require_module(model, "tune")
+    require_path(database, "database")
+    args = example_arguments(example_inputs, "tune")
     if trials < 1:
         raise StructfxError(f"trials={trials} must be at least 1")
     tvm_target = resolve_target(target)
     runner = make_runner(rpc, key)
     try:
-        args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
         mod, _ = lower_to_relax(export_for_compile(model, args), tvm_target)
         db = TuningDatabase(database, tvm_target, create=True)
         tasks = extract_tasks(legalize_module(mod, tvm_target), tvm_target)
