@@ -99,11 +99,46 @@ class _DensePacker(relax.PyExprMutator):
         shapes = [x.ty.shape, weight.ty.shape]
         if any(s is None or len(s) != 2 for s in shapes) or not isinstance(shapes[1][0], tirx.IntImm):
             return None
-        if not isinstance(shapes[0][0], (tirx.IntImm, tirx.Var)):
-            return None  # compound rows (s * 10): TVM cannot prove the padded row tiles cover them
         if x.ty.dtype != "float32" or weight.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "float32"):
             return None
         return weight
+
+
+@relax.expr_functor.mutator
+class _PlainRows(relax.PyExprMutator):
+    """Each ``dense_packed`` call on compound rows (``b * s``: a (batch, seq, K) input flattened) on
+    those rows bound to a plain var by a match_cast, its result (rows, N): the fused epilogue then
+    sees the kernel's plain ``rows`` (FuseTIR needs one buffer shape per Relax var; the schedule's
+    reverse_compute_at cannot prove a compound extent's padded row tiles cover it). One var per
+    compound extent, so the outputs of layers on the same rows still combine (a gated MLP's
+    ``gate(x) * up(x)``). Done after LiftTransformParams, which drops a match_cast made before it."""
+
+    def __init__(self, mod) -> None:
+        super().__init__(mod)
+        self.plain: list[tuple] = []  # (compound extent, its var)
+        self.analyzer = tvm.sym.Analyzer()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not call.op.same_as(tvm.ir.Op.get("relax.call_tir")) or not call.args[0].name_hint.startswith(KERNEL):
+            return call
+        x, packed = call.args[1].fields[:2]  # then the symbolic vars call_te passes for compound rows
+        rows, k = x.ty.shape
+        if isinstance(rows, (tirx.IntImm, tirx.Var)):
+            return call
+        var = next((v for e, v in self.plain if self.analyzer.can_prove_equal(e, rows)), None)
+        if var is None:
+            var = tirx.Var("rows", "int64")
+            self.plain.append((rows, var))
+        x = self.builder_.match_cast(x, relax.TensorType([var, k], "float32"))
+        return _kernel_call(self.builder_, x, packed, int(call.ty.shape[1]))
+
+
+def plain_rows(mod):
+    """``mod`` with its ``main``'s dense layers on compound rows working on a plain rows var (_PlainRows)."""
+    rewriter = _PlainRows(mod)
+    rewriter.builder_.update_func(mod.get_global_var("main"), rewriter.visit_expr(mod["main"]))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
 
 def pack_dense_weights(mod, panel: int):
@@ -129,7 +164,7 @@ def lift_weight_packing(mod, params: list, target) -> tuple:
     if name not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, params
     transform = relax.transform.DeadCodeElimination([name])(_without(mod, "main"))
-    mod = _without(mod, name)
+    mod = plain_rows(_without(mod, name))
     executable = tvm.compile(transform, target=tvm.target.Target("llvm"))
     machine = relax.VirtualMachine(executable, tvm.cpu(0))
     packed = machine[name](params)
