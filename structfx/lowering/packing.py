@@ -111,7 +111,8 @@ class _PlainRows(relax.PyExprMutator):
     sees the kernel's plain ``rows`` (FuseTIR needs one buffer shape per Relax var; the schedule's
     reverse_compute_at cannot prove a compound extent's padded row tiles cover it). One var per
     compound extent, so the outputs of layers on the same rows still combine (a gated MLP's
-    ``gate(x) * up(x)``). Done after LiftTransformParams, which drops a match_cast made before it."""
+    ``gate(x) * up(x)``). Done last before legalization (``structfx.lowering.fusion``): Relax's binding
+    canonicalisation (in LiftTransformParams, in ``rewrite_call``) substitutes such a var by its value."""
 
     def __init__(self, mod) -> None:
         super().__init__(mod)
@@ -164,7 +165,7 @@ def lift_weight_packing(mod, params: list, target) -> tuple:
     if name not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, params
     transform = relax.transform.DeadCodeElimination([name])(_without(mod, "main"))
-    mod = plain_rows(_without(mod, name))
+    mod = _without(mod, name)
     executable = tvm.compile(transform, target=tvm.target.Target("llvm"))
     machine = relax.VirtualMachine(executable, tvm.cpu(0))
     packed = machine[name](params)
