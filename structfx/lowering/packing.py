@@ -1,6 +1,7 @@
 """Dense weights packed once, at compile time, into the panels the GEMM micro-kernel streams.
 
-A dense layer ``x @ w.T`` (``matmul(x, permute_dims(w))`` with ``w`` a parameter of ``main``, x 2-D)
+A dense layer ``x @ w.T`` (``matmul(x, permute_dims(w))`` with ``w`` a parameter of ``main``, x 2-D,
+its rows a plain or compound (``b * s``) extent)
 becomes a call of ``dense_packed`` on ``x`` and ``w`` packed into panels (Goto & van de Geijn, "Anatomy
 of high-performance matrix multiplication", 2008; BLIS's packed B): ``w`` (N, K) zero-padded to a
 multiple of P rows and laid out as (N / P, K, P), P = PANEL_VECTORS vectors of the target (16 floats on
