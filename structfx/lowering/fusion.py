@@ -14,6 +14,7 @@ tuning's task extraction find them by those names.
 from __future__ import annotations
 
 from structfx.lowering.compat import Target, relax, tirx, tvm
+from structfx.lowering.packing import plain_rows
 
 #: TVM's OpPatternKind kOpaque: FuseOps neither fuses into nor out of such a function.
 OPAQUE = 8
@@ -24,7 +25,7 @@ def legalize_and_fuse(mod, target: Target):
     with target:
         if target.kind.name == "llvm":
             mod = unbroadcast_matmul_weights(mod)
-            mod = fuse_transpose_matmul(mod)
+            mod = plain_rows(fuse_transpose_matmul(mod))
         mod = relax.transform.LegalizeOps()(mod)
         mod = relax.transform.AnnotateTIROpPattern()(mod)
         mod = mark_ours_opaque(mod)

@@ -1,6 +1,7 @@
 """Dense weights packed once, at compile time, into the panels the GEMM micro-kernel streams.
 
-A dense layer ``x @ w.T`` (``matmul(x, permute_dims(w))`` with ``w`` a parameter of ``main``, x 2-D)
+A dense layer ``x @ w.T`` (``matmul(x, permute_dims(w))`` with ``w`` a parameter of ``main``, x 2-D,
+its rows a plain or compound (``b * s``) extent)
 becomes a call of ``dense_packed`` on ``x`` and ``w`` packed into panels (Goto & van de Geijn, "Anatomy
 of high-performance matrix multiplication", 2008; BLIS's packed B): ``w`` (N, K) zero-padded to a
 multiple of P rows and laid out as (N / P, K, P), P = PANEL_VECTORS vectors of the target (16 floats on
@@ -99,11 +100,47 @@ class _DensePacker(relax.PyExprMutator):
         shapes = [x.ty.shape, weight.ty.shape]
         if any(s is None or len(s) != 2 for s in shapes) or not isinstance(shapes[1][0], tirx.IntImm):
             return None
-        if not isinstance(shapes[0][0], (tirx.IntImm, tirx.Var)):
-            return None  # compound rows (s * 10): TVM cannot prove the padded row tiles cover them
         if x.ty.dtype != "float32" or weight.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "float32"):
             return None
         return weight
+
+
+@relax.expr_functor.mutator
+class _PlainRows(relax.PyExprMutator):
+    """Each ``dense_packed`` call on compound rows (``b * s``: a (batch, seq, K) input flattened) on
+    those rows bound to a plain var by a match_cast, its result (rows, N): the fused epilogue then
+    sees the kernel's plain ``rows`` (FuseTIR needs one buffer shape per Relax var; the schedule's
+    reverse_compute_at cannot prove a compound extent's padded row tiles cover it). One var per
+    compound extent, so the outputs of layers on the same rows still combine (a gated MLP's
+    ``gate(x) * up(x)``). Done last before legalization (``structfx.lowering.fusion``): Relax's binding
+    canonicalisation (in LiftTransformParams, in ``rewrite_call``) substitutes such a var by its value."""
+
+    def __init__(self, mod) -> None:
+        super().__init__(mod)
+        self.plain: list[tuple] = []  # (compound extent, its var)
+        self.analyzer = tvm.sym.Analyzer()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not call.op.same_as(tvm.ir.Op.get("relax.call_tir")) or not call.args[0].name_hint.startswith(KERNEL):
+            return call
+        x, packed = call.args[1].fields[:2]  # then the symbolic vars call_te passes for compound rows
+        rows, k = x.ty.shape
+        if isinstance(rows, (tirx.IntImm, tirx.Var)):
+            return call
+        var = next((v for e, v in self.plain if self.analyzer.can_prove_equal(e, rows)), None)
+        if var is None:
+            var = tirx.Var("rows", "int64")
+            self.plain.append((rows, var))
+        x = self.builder_.match_cast(x, relax.TensorType([var, k], "float32"))
+        return _kernel_call(self.builder_, x, packed, int(call.ty.shape[1]))
+
+
+def plain_rows(mod):
+    """``mod`` with its ``main``'s dense layers on compound rows working on a plain rows var (_PlainRows)."""
+    rewriter = _PlainRows(mod)
+    rewriter.builder_.update_func(mod.get_global_var("main"), rewriter.visit_expr(mod["main"]))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
 
 def pack_dense_weights(mod, panel: int):

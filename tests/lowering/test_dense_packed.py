@@ -2,6 +2,8 @@
 (structfx/lowering/schedule_rules/dense_packed.py): numerics against torch at odd and prime sizes, batch 1 and
 symbolic rows, the loop nest the rule promises under named targets, and packing done once."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -91,14 +93,47 @@ def test_compiled_linear_at_any_batch_on_packed_weights(k, n):
         assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
 
 
-def test_compiled_linear_on_flattened_rows():
-    """A (batch, 10, K) input reaches the layer as batch * 10 rows, a compound symbolic extent: such a
-    layer keeps its weights as they are (the matmul schedule rule's dot-product kernel), and is still right."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_linear_on_flattened_rows(batch):
+    """A (batch, 10, K) input reaches the layer as batch * 10 rows, a compound symbolic extent: the layer
+    runs on packed weights too (the rows bound to a plain var after lifting), its bias and GELU fused."""
     torch.manual_seed(0)
-    layer = nn.Linear(48, 40).eval()
+    layer = nn.Sequential(nn.Linear(48, 40), nn.GELU()).eval()
     compiled = sfx.compile(layer, torch.randn(4, 10, 48))
-    for batch in (1, 3):
-        x = torch.randn(batch, 10, 48)
+    panel = 2 * vector_lanes(compiled.target)
+    assert (-(-40 // panel), 48, panel) in [tuple(p.shape) for p in compiled.params]
+    x = torch.randn(batch, 10, 48)
+    with torch.no_grad():
+        want = layer(x)
+    assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
+
+
+class GatedBlock(nn.Module):
+    """Token embeddings, a gated MLP (SiLU(gate(x)) * up(x), then down) and a residual: layers on
+    batch * sequence rows, both symbolic (a ``config``, as transformers models have, makes compile keep
+    the token ids' sequence symbolic), whose outputs combine."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(max_position_embeddings=32)
+        self.embed = nn.Embedding(50, 24)
+        self.gate, self.up = nn.Linear(24, 37, bias=False), nn.Linear(24, 37, bias=False)
+        self.down = nn.Linear(37, 24)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x)) + x
+
+
+def test_compiled_layers_on_symbolic_batch_and_sequence():
+    torch.manual_seed(0)
+    block = GatedBlock().eval()
+    compiled = sfx.compile(block, torch.randint(0, 50, (2, 9)))
+    panel = 2 * vector_lanes(compiled.target)
+    shapes = [tuple(p.shape) for p in compiled.params]
+    assert (-(-24 // panel), 37, panel) in shapes and (24, 37) not in shapes
+    for batch, sequence in [(1, 9), (3, 5), (2, 13)]:
+        ids = torch.randint(0, 50, (batch, sequence))
         with torch.no_grad():
-            want = layer(x)
-        assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
+            want = block(ids)
+        assert float((compiled(ids) - want).norm() / want.norm()) < 1e-5
