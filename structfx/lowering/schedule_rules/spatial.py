@@ -10,8 +10,11 @@ WHOLE_VECTORS = 4
 
 def parallel_vectorized(sch: Schedule, block, lanes: int) -> None:
     """Vectorise ``block``'s innermost loop where its extent is static (split into ``lanes`` when it
-    is a longer multiple of them, whole when it is at most WHOLE_VECTORS vectors), then fuse the loops
-    outside it and run them in parallel."""
+    is a longer multiple of them, whole when it is at most WHOLE_VECTORS vectors), then fuse all the loops
+    outside it, symbolic ones included, into one parallel loop: one parallel region per call (a block
+    has no scratch buffer to keep compact, unlike ``parallel_tiles``'s). A parallel loop inside a serial
+    loop over batch and sequence would start a region per row: each costs a wake-up of the workers, and
+    the tiny BERT of the benchmarks ran 10x slower on 2 threads than on 1 that way."""
     loops = list(sch.get_loops(block))
     if not loops:
         return
@@ -24,7 +27,7 @@ def parallel_vectorized(sch: Schedule, block, lanes: int) -> None:
         elif 1 < extent.value <= WHOLE_VECTORS * lanes:
             sch.vectorize(loops.pop())
     if loops:
-        parallel_tiles(sch, loops)
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
 
 def parallel_tiles(sch: Schedule, loops: list):
