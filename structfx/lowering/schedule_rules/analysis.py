@@ -29,6 +29,19 @@ def reduces(block: tirx.SBlock) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars)
 
 
+def single_main_block(sch: Schedule, form_of):
+    """The function's one block that ``form_of`` recognises (it returns a form, else None), with no other
+    block reducing: (main block, its form, whether it is the last block), or None."""
+    blocks = root_blocks(sch)
+    forms = [form_of(sch.get(b)) for b in blocks]
+    if sum(f is not None for f in forms) != 1:
+        return None
+    position = next(n for n, f in enumerate(forms) if f is not None)
+    if any(reduces(sch.get(b)) for n, b in enumerate(blocks) if n != position):
+        return None
+    return blocks[position], forms[position], position == len(blocks) - 1
+
+
 def inline_epilogue(sch: Schedule, main):
     """Inline every block after ``main`` into the last one (the function's output), which is returned;
     None where one of them cannot be inlined (it is not elementwise)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, tirx
 from structfx.lowering.ops.common import OpScheduleRule, present, vector_lanes
-from structfx.lowering.schedule_rules.analysis import conv_form, inline_epilogue, reduces, root_blocks
+from structfx.lowering.schedule_rules.analysis import conv_form, inline_epilogue, root_blocks, single_main_block
 from structfx.lowering.schedule_rules.matmul import registers
 from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
 
@@ -24,19 +24,15 @@ class Conv(OpScheduleRule):
     """One convolution block per function, spatial blocks (padding) before it, elementwise after it."""
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
-        blocks = root_blocks(sch)
-        forms = [conv_form(sch.get(b)) for b in blocks]
-        if sum(f is not None for f in forms) != 1:
+        found = single_main_block(sch, conv_form)
+        if found is None:
             return False
-        position = next(n for n, f in enumerate(forms) if f is not None)
-        main, form = blocks[position], forms[position]
-        if any(reduces(sch.get(b)) for n, b in enumerate(blocks) if n != position):
-            return False
+        main, form, last = found
         extents = [iv.dom.extent for iv in sch.get(main).iter_vars]
         channels, width = extents[form.f], extents[form.x]
         if not isinstance(channels, tirx.IntImm) or not isinstance(width, tirx.IntImm):
             return False
-        if position == len(blocks) - 1:
+        if last:
             sch.cache_write(main, 0, "global")  # the tile's copy out: the accumulators stay local
         out = inline_epilogue(sch, main)
         if out is None:

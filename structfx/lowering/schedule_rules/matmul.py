@@ -25,7 +25,13 @@ from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, tirx
 from structfx.lowering.ops.common import OpScheduleRule, vector_lanes
-from structfx.lowering.schedule_rules.analysis import MatmulForm, inline_epilogue, matmul_form, reduces, root_blocks
+from structfx.lowering.schedule_rules.analysis import (
+    MatmulForm,
+    inline_epilogue,
+    matmul_form,
+    root_blocks,
+    single_main_block,
+)
 from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
 
 #: Bytes of B rows kept per parallel block of NT tiles (half of a 512 KiB L2, the rest for A and C).
@@ -53,17 +59,13 @@ class Matmul(OpScheduleRule):
     blocks after it, spatial blocks before it); float32."""
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
-        blocks = root_blocks(sch)
-        forms = [matmul_form(sch.get(b)) for b in blocks]
-        if sum(f is not None for f in forms) != 1:
+        found = single_main_block(sch, matmul_form)
+        if found is None:
             return False
-        position = next(n for n, f in enumerate(forms) if f is not None)
-        main, form = blocks[position], forms[position]
-        if any(reduces(sch.get(b)) for n, b in enumerate(blocks) if n != position):
-            return False
+        main, form, last = found
         lanes = vector_lanes(target)
         extents = [iv.dom.extent for iv in sch.get(main).iter_vars]
-        if position == len(blocks) - 1:
+        if last:
             sch.cache_write(main, 0, "global")  # the tile's copy out: the accumulators stay local
         if form.nt:
             mr, nr = nt_tile(lanes)
