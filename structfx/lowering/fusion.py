@@ -6,14 +6,16 @@ the matmul they follow (one PrimFunc with the matmul block and its elementwise e
 chains of elementwise ops become one kernel. On the CPU a ``matmul(x, permute_dims(w))`` is first made
 one ``NT_matmul`` (TVM's FuseTransposeMatmul) that reads ``w`` in its stored (N, K) layout: no
 transposed copy of the weights per call, and the matmul schedule rule's dot-product kernel reads both operands
-contiguously. Our own kernels (PrimFuncs named ``structfx_*``) are marked opaque, so fusion leaves them,
-their names and their block names as they are: their schedule rules, ``CompiledModel.kernels`` and
-tuning's task extraction find them by those names.
+contiguously. On the CPU exp, erf, tanh, sigmoid, SiLU, GELU and softmax legalize to TVM's vectorisable
+approximations (``structfx.lowering.fast_math``) instead of scalar libm calls. Our own kernels (PrimFuncs
+named ``structfx_*``) are marked opaque, so fusion leaves them, their names and their block names as they
+are: their schedule rules, ``CompiledModel.kernels`` and tuning's task extraction find them by those names.
 """
 
 from __future__ import annotations
 
 from structfx.lowering.compat import Target, relax, tirx, tvm
+from structfx.lowering.fast_math import fast_math_legalizations
 from structfx.lowering.packing import plain_rows
 
 #: TVM's OpPatternKind kOpaque: FuseOps neither fuses into nor out of such a function.
@@ -22,11 +24,12 @@ OPAQUE = 8
 
 def legalize_and_fuse(mod, target: Target):
     """``mod`` with every Relax op lowered to TIR and fusible neighbours merged into one PrimFunc each."""
+    cpu = target.kind.name == "llvm"
     with target:
-        if target.kind.name == "llvm":
+        if cpu:
             mod = unbroadcast_matmul_weights(mod)
             mod = plain_rows(fuse_transpose_matmul(mod))
-        mod = relax.transform.LegalizeOps()(mod)
+        mod = relax.transform.LegalizeOps(fast_math_legalizations() if cpu else None)(mod)
         mod = relax.transform.AnnotateTIROpPattern()(mod)
         mod = mark_ours_opaque(mod)
         mod = relax.transform.FuseOps()(mod)

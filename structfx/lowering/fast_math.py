@@ -1,0 +1,78 @@
+"""Vectorisable float32 legalizations of exp, erf, tanh, sigmoid and the ops built on them on the CPU.
+
+TVM legalizes these Relax ops to TIR's ``exp`` / ``erf`` / ``tanh`` / ``sigmoid`` intrinsics, which LLVM
+lowers to calls of the C library's scalar functions, one element at a time, however the loop is
+vectorised: GELU on (256, 512) floats took 3.1 ms, against 0.08 ms for the same kernel on TVM's
+polynomial versions (``topi.fast_exp``: Cephes' exp, a degree-5 polynomial scaled by 2^n built from the
+float's exponent bits; ``topi.fast_erf`` and ``topi.fast_tanh``: Eigen's rational approximations), which
+are plain arithmetic and vectorise (measured on this 2-core AVX2 host, one kernel each, same run). Their
+error is a few float32 ulps: relative 2.5e-7 (exp), 2.6e-7 (tanh), 1.2e-7 (sigmoid), absolute 1e-6 for
+GELU over inputs of standard deviation 4, against float64 references. ``exp`` of -inf is exactly 0
+(masked attention scores); ``fast_exp`` saturates at exp(+-88.38), beyond float32's range anyway.
+
+Other dtypes keep TVM's own legalization.
+"""
+
+from __future__ import annotations
+
+import math
+
+from structfx.lowering.compat import relax, te, tirx, topi, tvm
+
+
+def _sigmoid(x: te.Tensor) -> te.Tensor:
+    e = topi.fast_exp(topi.negative(x))
+    return te.compute(x.shape, lambda *i: tirx.const(1.0, "float32") / (tirx.const(1.0, "float32") + e(*i)),
+                      name="T_sigmoid")
+
+
+def _silu(x: te.Tensor) -> te.Tensor:
+    return topi.multiply(x, _sigmoid(x))
+
+
+def _gelu(x: te.Tensor) -> te.Tensor:
+    """x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, as TVM's own legalization writes it."""
+    erf = topi.fast_erf(topi.multiply(x, tirx.const(0.5**0.5, "float32")))
+    half = tirx.const(0.5, "float32")
+    return te.compute(x.shape, lambda *i: x(*i) * (half + erf(*i) * half), name="T_gelu")
+
+
+def _gelu_tanh(x: te.Tensor) -> te.Tensor:
+    """x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2, as TVM's own legalization writes it."""
+    scale, cubic = tirx.const(math.sqrt(2.0 / math.pi), "float32"), tirx.const(0.044715, "float32")
+    inner = te.compute(x.shape, lambda *i: scale * x(*i) * (tirx.const(1.0, "float32") + cubic * x(*i) * x(*i)),
+                       name="T_gelu_inner")
+    tanh = topi.fast_tanh(inner)
+    half = tirx.const(0.5, "float32")
+    return te.compute(x.shape, lambda *i: half * x(*i) * (tirx.const(1.0, "float32") + tanh(*i)), name="T_gelu_tanh")
+
+
+#: Relax op -> (TE function of the input tensor and the call's attrs, name of the kernel).
+FAST = {
+    "relax.exp": (lambda x, attrs: topi.fast_exp(x), "fast_exp"),
+    "relax.erf": (lambda x, attrs: topi.fast_erf(x), "fast_erf"),
+    "relax.tanh": (lambda x, attrs: topi.fast_tanh(x), "fast_tanh"),
+    "relax.sigmoid": (lambda x, attrs: _sigmoid(x), "sigmoid"),
+    "relax.nn.silu": (lambda x, attrs: _silu(x), "silu"),
+    "relax.nn.gelu": (lambda x, attrs: _gelu(x), "gelu"),
+    "relax.nn.gelu_tanh": (lambda x, attrs: _gelu_tanh(x), "gelu_tanh"),
+    "relax.nn.softmax": (lambda x, attrs: topi.nn.fast_softmax(x, int(attrs.axis)), "softmax"),
+}
+
+
+def _legalization(name: str):
+    compute, hint = FAST[name]
+    default = tvm.ir.Op.get(name).get_attr("FLegalize")
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        if call.ty.dtype != "float32":
+            return default(bb, call)
+        return bb.call_te(lambda x: compute(x, call.attrs), call.args[0], primfunc_name_hint=hint)
+
+    return legalize
+
+
+def fast_math_legalizations() -> dict:
+    """The ``customize_legalize_map`` for ``relax.transform.LegalizeOps``: every op of FAST on float32
+    through TVM's vectorisable approximations, any other dtype through TVM's own legalization."""
+    return {name: _legalization(name) for name in FAST}

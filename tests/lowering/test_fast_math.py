@@ -1,0 +1,108 @@
+"""Fast-math legalizations (structfx/lowering/fast_math.py): every op they replace matches torch in float32 at odd
+sizes and any batch, and the kernels they give call no scalar libm function."""
+
+import pytest
+import torch
+from torch import nn
+
+import structfx as sfx
+from structfx.lowering.compat import Target, relax, tirx
+from structfx.lowering.fast_math import FAST, fast_math_legalizations
+
+AVX2 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512f"]})
+
+ACTIVATIONS = {
+    "gelu": nn.functional.gelu,
+    "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "silu": nn.functional.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "exp": lambda x: torch.exp(x.clamp(max=80.0)),
+    "erf": torch.erf,
+    "softmax": lambda x: torch.softmax(x, dim=-1),
+}
+
+
+class Activation(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        return ACTIVATIONS[self.name](x)
+
+
+def _inputs(batch: int, width: int) -> torch.Tensor:
+    """Wide values (std 6) with the edges of the approximations in the first row: 0, tiny, large, infinities."""
+    x = torch.randn(batch, 5, width, generator=torch.Generator().manual_seed(batch)) * 6
+    edges = torch.tensor([0.0, 1e-30, -1e-8, 30.0, -30.0, 100.0, -100.0, 5.9, -5.9, 4.0])
+    x[0, 0, : min(width, len(edges))] = edges[:width]
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_matches_torch_at_odd_width_and_any_batch(name):
+    model = Activation(name).eval()
+    compiled = sfx.compile(model, _inputs(3, 37))
+    for batch in (1, 7):
+        x = _inputs(batch, 37)
+        got, want = compiled(x), model(x.double())
+        assert torch.isfinite(got).all()
+        assert float(((got.double() - want).abs() / want.abs().clamp_min(1.0)).max()) < 1e-6
+
+
+class MaskedSoftmax(nn.Module):
+    """Attention's softmax over scores whose last 4 keys are masked with -inf."""
+
+    def __init__(self, keys: int) -> None:
+        super().__init__()
+        mask = torch.zeros(keys)
+        mask[keys - 4:] = float("-inf")
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return torch.softmax(x + self.mask, dim=-1)
+
+
+def test_softmax_of_masked_scores_is_exactly_zero_where_masked():
+    model = MaskedSoftmax(9).eval()
+    x = torch.randn(3, 4, 9)
+    got = sfx.compile(model, x)(x)
+    assert (got[..., 5:] == 0).all()
+    assert torch.allclose(got, model(x), atol=1e-6)
+
+
+def _legalized(op, dtype: str):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tirx.Var("n", "int64"), 33], dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(op(x))
+        bb.emit_func_output(out)
+    with AVX2:
+        return relax.transform.LegalizeOps(fast_math_legalizations())(bb.get())
+
+
+#: The torch activation each Relax op comes from (each is checked against torch above).
+ACTIVATIONS_OF = {
+    "relax.exp": "exp", "relax.erf": "erf", "relax.tanh": "tanh", "relax.sigmoid": "sigmoid", "relax.nn.silu": "silu",
+    "relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.softmax": "softmax",
+}
+OPS = {
+    "relax.exp": relax.op.exp, "relax.erf": relax.op.erf, "relax.tanh": relax.op.tanh,
+    "relax.sigmoid": relax.op.sigmoid, "relax.nn.silu": relax.op.nn.silu, "relax.nn.gelu": relax.op.nn.gelu,
+    "relax.nn.gelu_tanh": relax.op.nn.gelu_tanh, "relax.nn.softmax": relax.op.nn.softmax,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_float32_kernels_call_no_libm_function(name):
+    assert set(OPS) == set(FAST) == set(ACTIVATIONS_OF)
+    script = _legalized(OPS[name], "float32").script()
+    for intrinsic in ("T.exp(", "T.erf(", "T.tanh(", "T.sigmoid("):
+        assert intrinsic not in script
+
+
+def test_other_dtypes_keep_tvm_legalization():
+    script = _legalized(relax.op.exp, "float64").script()
+    assert "T.exp(" in script
