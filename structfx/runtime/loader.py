@@ -9,7 +9,7 @@ import numpy as np
 
 from structfx.errors import StructfxError, require_path
 from structfx.runtime.artifact import KERNELS, WEIGHTS, read_verified_manifest
-from structfx.runtime.host import X86_FEATURES, cpu_flags
+from structfx.runtime.host import X86_FEATURES, cpu_flags, use_every_core
 from structfx.runtime.signature import TensorSpec, check_inputs, type_name
 
 
@@ -60,6 +60,7 @@ def load(directory: str | Path, device: str = "cpu") -> Runtime:
     compute capability cannot run the build's CUDA architecture.
     """
     require_path(directory, "load's directory")
+    use_every_core()
     root = Path(directory)
     manifest = read_verified_manifest(root)
     _check_runnable(manifest["target"], device)
