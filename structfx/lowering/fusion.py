@@ -13,6 +13,7 @@ tuning's task extraction find them by those names.
 
 from __future__ import annotations
 
+from structfx.lowering.batched_matmul import fold_batched_matmuls
 from structfx.lowering.compat import Target, relax, tirx, tvm
 from structfx.lowering.packing import plain_rows
 
@@ -24,7 +25,7 @@ def legalize_and_fuse(mod, target: Target):
     """``mod`` with every Relax op lowered to TIR and fusible neighbours merged into one PrimFunc each."""
     with target:
         if target.kind.name == "llvm":
-            mod = unbroadcast_matmul_weights(mod)
+            mod = fold_batched_matmuls(unbroadcast_matmul_weights(mod), target)
             mod = plain_rows(fuse_transpose_matmul(mod))
         mod = relax.transform.LegalizeOps()(mod)
         mod = relax.transform.AnnotateTIROpPattern()(mod)
