@@ -14,6 +14,7 @@ are: their schedule rules, ``CompiledModel.kernels`` and tuning's task extractio
 
 from __future__ import annotations
 
+from structfx.lowering.batched_matmul import fold_batched_matmuls
 from structfx.lowering.compat import Target, relax, tirx, tvm
 from structfx.lowering.fast_math import fast_math_legalizations
 from structfx.lowering.packing import plain_rows
@@ -27,7 +28,7 @@ def legalize_and_fuse(mod, target: Target):
     cpu = target.kind.name == "llvm"
     with target:
         if cpu:
-            mod = unbroadcast_matmul_weights(mod)
+            mod = fold_batched_matmuls(unbroadcast_matmul_weights(mod), target)
             mod = plain_rows(fuse_transpose_matmul(mod))
         mod = relax.transform.LegalizeOps(fast_math_legalizations() if cpu else None)(mod)
         mod = relax.transform.AnnotateTIROpPattern()(mod)

@@ -58,7 +58,10 @@ def inline_epilogue(sch: Schedule, main):
 
 def matmul_form(block: tirx.SBlock) -> MatmulForm | None:
     """The matmul form of ``block``, or None where it is not a float32 multiply-accumulate of two loads
-    indexed by plain loop variables."""
+    indexed by plain loop variables (or a variable clamped by ``min``, as kernels with padded tiles read)
+    in any order: the output's last index is j, A reads i and k, B reads k and j, both may read any batch
+    index (or 0 for a broadcast one). B's last index says the form: k is NT (then A's last must be k too),
+    j is NN."""
     found = _multiply_accumulate(block)
     if found is None:
         return None
@@ -68,21 +71,28 @@ def matmul_form(block: tirx.SBlock) -> MatmulForm | None:
     out = _positions(store.indices, names)
     if len(reduce) != 1 or out is None or len(out) < 2 or None in out:
         return None
-    k, i, j = reduce[0], out[-2], out[-1]
-    operands = [_positions(load.indices, names) for load in (product.a, product.b)]
+    k, j = reduce[0], out[-1]
+    operands = [_positions(load.indices, names, clamped=True) for load in (product.a, product.b)]
     if any(p is None or len(p) < 2 for p in operands):
         return None
-    if operands[0][-2:] != [i, k]:
+    if j in operands[0]:
         operands.reverse()
     a, b = operands
-    if a[-2:] != [i, k] or b[-2:] not in ([j, k], [k, j]):
+    rows = [p for p in a if p is not None and p not in (k, j) and p not in b]
+    if len(rows) > 1 and out[-2] in rows:
+        rows = [out[-2]]  # the others are batch indices B broadcasts over
+    if len(rows) != 1 or j in a or k not in a or k not in b or j not in b:
         return None
-    batch = tuple(out[:-2])
-    if any(p is not None and p not in batch for p in a[:-2] + b[:-2]):
+    i = rows[0]
+    batch = tuple(p for p in out if p not in (i, j))
+    if any(p is not None and p not in batch for p in a + b if p not in (i, j, k)):
         return None
-    if sorted([*batch, i, j, k]) != list(range(len(names))):
+    if sorted([*batch, i, j, k]) != list(range(len(names))) or len(out) != len(batch) + 2:
         return None
-    return MatmulForm(batch, i, j, k, nt=b[-2:] == [j, k])
+    nt = b[-1] == k
+    if not nt and b[-1] != j or nt and a[-1] != k:
+        return None
+    return MatmulForm(batch, i, j, k, nt=nt)
 
 
 def _multiply_accumulate(block: tirx.SBlock):
@@ -103,14 +113,16 @@ def _loads(expr, buffer) -> bool:
     return isinstance(expr, TensorLoad) and expr.source.same_as(buffer)
 
 
-def _positions(indices, names) -> list | None:
-    """Each index as the position of the iter var it is, None for a constant 0; None overall where an
-    index is anything else."""
+def _positions(indices, names, clamped: bool = False) -> list | None:
+    """Each index as the position of the iter var it is (or, with ``clamped``, that ``min`` clamps),
+    None for a constant 0; None overall where an index is anything else."""
     found = []
     for index in indices:
         if isinstance(index, tirx.IntImm) and index.value == 0:
             found.append(None)
             continue
+        if clamped and isinstance(index, tirx.Min):
+            index = index.a
         match = [n for n, name in enumerate(names) if index.same_as(name)]
         if not match:
             return None

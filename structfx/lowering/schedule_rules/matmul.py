@@ -23,7 +23,7 @@ the micro-kernel has no tail.
 
 from __future__ import annotations
 
-from structfx.lowering.compat import Schedule, Target, tirx
+from structfx.lowering.compat import Schedule, Target, tirx, tvm
 from structfx.lowering.ops.common import OpScheduleRule, vector_lanes
 from structfx.lowering.schedule_rules.analysis import (
     MatmulForm,
@@ -32,7 +32,7 @@ from structfx.lowering.schedule_rules.analysis import (
     root_blocks,
     single_main_block,
 )
-from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
+from structfx.lowering.schedule_rules.spatial import parallel_vectorized
 
 #: Bytes of B rows kept per parallel block of NT tiles (half of a 512 KiB L2, the rest for A and C).
 L2_BLOCK_BYTES = 256 * 1024
@@ -55,8 +55,29 @@ def nn_tile(lanes: int) -> tuple[int, int]:
 
 
 class Matmul(OpScheduleRule):
-    """One matmul block per function (legalized ``matmul``/``NT_matmul``, fused with elementwise
-    blocks after it, spatial blocks before it); float32."""
+    """One matmul block per function (legalized ``matmul``/``NT_matmul``, ``batched_matmul``, fused with
+    elementwise blocks after it, spatial blocks before it); float32."""
+
+    @staticmethod
+    def tile(nt: bool, lanes: int, m, n) -> tuple[int, int]:
+        """(MR, NR) of the register tile for M rows and N columns (static ints or symbolic): NR columns
+        of B for the dot-product kernel (``nt``), NR floats of a row for the outer-product kernel. A
+        static extent smaller than the tile shrinks it; a static N takes the largest NT tile dividing
+        it. Extents the tile does not divide are padded (``_pad``, or by ``batched_matmul`` itself)."""
+        if nt:
+            mr, nr = nt_tile(lanes)
+        else:
+            mr, vectors = nn_tile(lanes)
+            nr = lanes * vectors if _divides(lanes * vectors, n) else lanes
+        rows, columns = _static(m), _static(n)
+        if rows is not None and rows < mr:
+            mr = rows
+        divisors = [d for d in range(nr, 1, -1) if columns is not None and columns % d == 0]
+        if columns is not None and columns < nr:
+            nr = columns
+        elif divisors and (nt or divisors[0] == nr):
+            nr = divisors[0]
+        return mr, nr
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
         found = single_main_block(sch, matmul_form)
@@ -67,13 +88,8 @@ class Matmul(OpScheduleRule):
         extents = [iv.dom.extent for iv in sch.get(main).iter_vars]
         if last:
             sch.cache_write(main, 0, "global")  # the tile's copy out: the accumulators stay local
-        if form.nt:
-            mr, nr = nt_tile(lanes)
-            mr, nr, k_lanes = _pad(sch, main, form, extents, mr, nr, k_multiple=lanes)
-        else:
-            mr, vectors = nn_tile(lanes)
-            nv = lanes * vectors if _divides(lanes * vectors, extents[form.j]) else lanes
-            mr, nr, _ = _pad(sch, main, form, extents, mr, nv, k_multiple=1)
+        mr, nr = self.tile(form.nt, lanes, extents[form.i], extents[form.j])
+        _pad(sch, main, form, extents, mr, nr, k_multiple=lanes if form.nt else 1)
         out = inline_epilogue(sch, main)
         if out is None:
             return False
@@ -89,35 +105,27 @@ class Matmul(OpScheduleRule):
 
 
 def _divides(factor: int, extent) -> bool:
-    return isinstance(extent, tirx.IntImm) and extent.value % factor == 0
+    """Whether ``factor`` provably divides ``extent`` (a padded symbolic extent, ``(m + 5) // 6 * 6``, does)."""
+    if isinstance(extent, int):
+        return extent % factor == 0
+    return tvm.sym.Analyzer().can_prove_equal(tirx.floormod(extent, factor), 0)
 
 
 def _static(extent) -> int | None:
+    if isinstance(extent, int):
+        return extent
     return extent.value if isinstance(extent, tirx.IntImm) else None
 
 
-def _pad(sch: Schedule, main, form: MatmulForm, extents: list, mr: int, nr: int, k_multiple: int):
-    """Pad the block's M (and K to ``k_multiple``, N to ``nr``) where the tile does not divide it.
-    A static M smaller than the tile shrinks the tile instead. Returns the (MR, NR, K multiple) used."""
+def _pad(sch: Schedule, main, form: MatmulForm, extents: list, mr: int, nr: int, k_multiple: int) -> None:
+    """Pad the block's M, N and K (zero-padded copies of the operands, ``pad_einsum``) where the tile
+    (and the K vector, ``k_multiple``) does not divide them; ``batched_matmul`` pads its own."""
     padding = [1] * len(extents)
-    m = _static(extents[form.i])
-    if m is not None and m < mr:
-        mr = m
-    elif not _divides(mr, extents[form.i]):
-        padding[form.i] = mr
-    n = _static(extents[form.j])
-    divisors = [d for d in range(nr, 1, -1) if n is not None and n % d == 0]
-    if n is not None and n < nr:
-        nr = n
-    elif divisors and (form.nt or divisors[0] == nr):
-        nr = divisors[0]
-    else:
-        padding[form.j] = nr
-    if not _divides(k_multiple, extents[form.k]):
-        padding[form.k] = k_multiple
+    for position, factor in ((form.i, mr), (form.j, nr), (form.k, k_multiple)):
+        if not _divides(factor, extents[position]):
+            padding[position] = factor
     if any(p > 1 for p in padding):
         sch.pad_einsum(main, padding)
-    return mr, nr, k_multiple
 
 
 def _loops_by_iter(sch: Schedule, block, count: int) -> list:
@@ -140,17 +148,18 @@ def _nt_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int, lan
     n_padded = -(-n // nr) * nr if n is not None else None
     rows_per_block = max(1, L2_BLOCK_BYTES // (4 * max(1, _static(extents[form.k]) or 1)) // nr)
     tiles = n_padded // nr if n_padded is not None else None
-    block_tiles = max(d for d in range(1, min(rows_per_block, tiles or 1) + 1) if tiles and tiles % d == 0)
+    block_tiles = max((d for d in range(1, min(rows_per_block, tiles) + 1) if tiles % d == 0), default=1) \
+        if tiles else 1
     if tiles and 1 < block_tiles < tiles:
-        # blocks of B rows in parallel, each reused by every row tile: one parallel region per call
+        # blocks of B rows in parallel, each reused by every row tile
         j_block, j_outer, j_inner = sch.split(by_iter[form.j], [None, block_tiles, nr])
         sch.reorder(*batch, j_block, i_outer, j_outer, k_outer, i_inner, j_inner, k_lane)
-        parallel_tiles(sch, [*batch, j_block])
+        parallel_region(sch, [*batch, j_block])
         tile = j_outer
     else:
         j_outer, j_inner = sch.split(by_iter[form.j], [None, nr])
         sch.reorder(*batch, i_outer, j_outer, k_outer, i_inner, j_inner, k_lane)
-        tile = parallel_tiles(sch, [*batch, i_outer, j_outer])
+        tile = parallel_region(sch, [*batch, i_outer, j_outer])
     sch.unroll(i_inner)
     sch.unroll(j_inner)
     sch.vectorize(k_lane)
@@ -174,7 +183,7 @@ def _nn_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int) -> 
     i_outer, i_inner = sch.split(loops[form.i], [None, mr])
     j_outer, j_inner = sch.split(loops[form.j], [None, nr])
     sch.reorder(*batch, i_outer, j_outer, loops[form.k], i_inner, j_inner)
-    tile = parallel_tiles(sch, [*batch, i_outer, j_outer])
+    tile = parallel_region(sch, [*batch, i_outer, j_outer])
     sch.unroll(i_inner)
     sch.vectorize(j_inner)
     sch.reverse_compute_at(out, tile)
@@ -182,3 +191,14 @@ def _nn_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int) -> 
     out_loops = sch.get_loops(out)
     if _static(sch.get(out_loops[-1]).extent) == nr:
         sch.vectorize(out_loops[-1])
+
+
+def parallel_region(sch: Schedule, loops: list):
+    """Fuse ``loops`` (outermost first; batch, row tiles, column tiles), symbolic ones included, into one
+    parallel loop: one parallel region per call. Returns it. A tile's accumulators stay compacted to the
+    tile under the fused loop (checked: a (1, MR, NR) buffer per iteration with symbolic batch and rows),
+    where a serial batch loop around a parallel tile loop started one region per batch and row tile (96
+    per call of the tiny BERT's attention, each a wake-up of the workers)."""
+    tile = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    sch.parallel(tile)
+    return tile
