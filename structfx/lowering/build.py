@@ -19,6 +19,7 @@ from structfx.lowering.converters import converter_map
 from structfx.lowering.export import example_arguments, export_for_compile, input_specs, output_specs
 from structfx.lowering.graph_fixes import prepare_for_import
 from structfx.lowering.packing import lift_weight_packing
+from structfx.lowering.parallel_grain import BUILD_CONFIG, apply_parallel_grain
 from structfx.lowering.schedules import apply_schedules, legalize, schedule_rules_for
 from structfx.lowering.state import restored_state, warn_state_updates
 from structfx.lowering.target import resolve_target
@@ -68,7 +69,8 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     mod = schedule_module(legalize_module(mod, tvm_target), tvm_target, database)
     kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint.startswith("structfx_"))
     try:
-        executable = tvm.compile(mod, target=tvm_target)
+        with tvm.transform.PassContext(config=BUILD_CONFIG):
+            executable = tvm.compile(mod, target=tvm_target)
     except FAILURES as e:
         raise StructfxError(f"[build] tvm.compile failed: {_gist(e)}; report it with the model") from e
     return CompiledModel(
@@ -118,13 +120,14 @@ def legalize_module(mod, target):
 
 
 def schedule_module(mod, target, database=None):
-    """Each kernel scheduled: by its best record in ``database`` where it has one, else by the rules."""
+    """Each kernel scheduled: by its best record in ``database`` where it has one, else by the rules;
+    then each parallel loop with too little work to share runs serially (structfx.lowering.parallel_grain)."""
     try:
         if database is not None:
             from structfx.lowering.tuning import apply_database
 
             mod = apply_database(mod, target, database)
-        return apply_schedules(mod, target)
+        return apply_parallel_grain(apply_schedules(mod, target), target)
     except FAILURES as e:
         raise StructfxError(
             f"[schedule] no schedule for kernel {_failing_kernel(mod, target)}: {_gist(e)}; compile without a "

@@ -42,31 +42,37 @@ class TensorSpec:
 def check_inputs(specs: list[TensorSpec], values: list[tuple[tuple[int, ...], str] | str], takes: str) -> None:
     """Each value as (shape, dtype name), or the type name of something the caller does not take;
     ``takes`` says what the caller takes ("a torch tensor"). Raises StructfxError naming the input, what
-    it got and what is expected."""
-    expected = "; ".join(s.describe() for s in specs)
+    it got and what is expected. Runs on every call: the messages are only built for a failure."""
     if len(values) != len(specs):
+        expected = "; ".join(s.describe() for s in specs)
         raise StructfxError(f"expected {len(specs)} input(s) ({expected}), got {len(values)}")
     sizes: dict[str, tuple[int, str]] = {}
     for value, spec in zip(values, specs):
         if isinstance(value, str):
             raise StructfxError(f"{spec.name} is a {value}: pass {takes} ({spec.describe()})")
         shape, dtype = value
-        got = f"{spec.name} got ({', '.join(map(str, shape))}) {dtype}, expected {spec.describe()}"
-        fits = len(shape) == len(spec.shape) and all(
-            not isinstance(want, int) or size == want for size, want in zip(shape, spec.shape)
-        )
-        if dtype != spec.dtype or not fits:
-            raise StructfxError(got)
+        if dtype != spec.dtype or len(shape) != len(spec.shape) or any(
+            isinstance(want, int) and size != want for size, want in zip(shape, spec.shape)
+        ):
+            raise StructfxError(_got(spec, shape, dtype))
+        if not spec.bounds:
+            continue
         for size, want in zip(shape, spec.shape):
             if not isinstance(want, str) or want not in spec.bounds:
                 continue
             lower, upper = spec.bounds[want]
             if size < lower or (upper is not None and size > upper):
                 top = "" if upper is None else f" to {upper}"
-                raise StructfxError(f"{got}: {want} must be from {lower}{top}")
+                raise StructfxError(f"{_got(spec, shape, dtype)}: {want} must be from {lower}{top}")
             if want in sizes and sizes[want][0] != size:
-                raise StructfxError(f"{got}: {want} is {sizes[want][0]} in {sizes[want][1]}; they must match")
+                raise StructfxError(
+                    f"{_got(spec, shape, dtype)}: {want} is {sizes[want][0]} in {sizes[want][1]}; they must match"
+                )
             sizes[want] = (size, spec.name)
+
+
+def _got(spec: TensorSpec, shape: tuple[int, ...], dtype: str) -> str:
+    return f"{spec.name} got ({', '.join(map(str, shape))}) {dtype}, expected {spec.describe()}"
 
 
 def type_name(value: object) -> str:
