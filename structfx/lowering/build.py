@@ -17,6 +17,7 @@ from structfx.lowering.compat import detach_params, from_exported_program, relax
 from structfx.lowering.compiled import CompiledModel
 from structfx.lowering.converters import converter_map
 from structfx.lowering.export import example_arguments, export_for_compile, input_specs, output_specs
+from structfx.lowering.fusion import unbroadcast_matmul_weights
 from structfx.lowering.graph_fixes import prepare_for_import
 from structfx.lowering.packing import lift_weight_packing
 from structfx.lowering.parallel_grain import BUILD_CONFIG, apply_parallel_grain
@@ -94,7 +95,7 @@ def lower_to_relax(program, target):
     mod, params = detach_params(mod)
     mod, params = _sizes_from_one(mod), list(params.get("main", []))
     if target.kind.name == "llvm":
-        mod, params = lift_weight_packing(mod, params, target)
+        mod, params = lift_weight_packing(unbroadcast_matmul_weights(mod), params, target)
     return mod, params
 
 

@@ -1,7 +1,7 @@
 """Dense weights packed once, at compile time, into the panels the GEMM micro-kernel streams.
 
-A dense layer ``x @ w.T`` (``matmul(x, permute_dims(w))`` with ``w`` a parameter of ``main``, x 2-D,
-its rows a plain or compound (``b * s``) extent)
+A dense layer ``x @ w.T`` (``matmul(x, permute_dims(w))`` with ``w`` a parameter of ``main``; x (M, K),
+its rows a plain or compound (``b * s``) extent, or (..., K), its leading dims flattened to such rows)
 becomes a call of ``dense_packed`` on ``x`` and ``w`` packed into panels (Goto & van de Geijn, "Anatomy
 of high-performance matrix multiplication", 2008; BLIS's packed B): ``w`` (N, K) zero-padded to a
 multiple of P rows and laid out as (N / P, K, P), P = PANEL_VECTORS vectors of the target (16 floats on
@@ -64,9 +64,19 @@ def _kernel_call(builder, x: relax.Expr, packed: relax.Expr, n: int) -> relax.Ca
     return call
 
 
+def _product(dims: list):
+    """The product of a shape's dims, simplified (``b * s`` for two symbolic dims)."""
+    total = dims[0]
+    for dim in dims[1:]:
+        total = total * dim
+    return tvm.sym.Analyzer().simplify(total)
+
+
 @relax.expr_functor.mutator
 class _DensePacker(relax.PyExprMutator):
-    """``matmul(x, permute_dims(w))`` with ``w`` one of ``weights`` as ``dense_packed(x, pack(w))``."""
+    """``matmul(x, permute_dims(w))`` with ``w`` one of ``weights`` as ``dense_packed(x, pack(w))``; an
+    ``x`` of more than two dims (a layer on a (batch, seq, K) input that torch.export left 3-D) on its rows
+    flattened, reshaped back after."""
 
     def __init__(self, mod, weights: list, panel: int) -> None:
         super().__init__(mod)
@@ -78,11 +88,18 @@ class _DensePacker(relax.PyExprMutator):
         if weight is None:
             return call
         n, k = (int(d) for d in weight.ty.shape)
-        return _kernel_call(self.builder_, call.args[0], self.builder_.emit(pack(weight, n, k, self.panel)), n)
+        x = call.args[0]
+        leading = list(x.ty.shape)[:-1]
+        if len(leading) > 1:  # (..., K): the layer on its rows flattened, the result given its leading dims back
+            x = self.builder_.emit(relax.op.reshape(x, [_product(leading), k]))
+        product = _kernel_call(self.builder_, x, self.builder_.emit(pack(weight, n, k, self.panel)), n)
+        if len(leading) > 1:
+            return relax.op.reshape(self.builder_.emit(product), [*leading, n])
+        return product
 
 
     def _packable_weight(self, call: relax.Call):
-        """The parameter ``w`` of a float32 ``matmul(x (M, K), permute_dims(w (N, K)))``, or None."""
+        """The parameter ``w`` of a float32 ``matmul(x (..., K), permute_dims(w (N, K)))``, or None."""
         if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
             return None
         x, transposed = call.args
@@ -98,7 +115,9 @@ class _DensePacker(relax.PyExprMutator):
         if not any(weight.same_as(w) for w in self.weights) or (axes is not None and [int(a) for a in axes] != [1, 0]):
             return None
         shapes = [x.ty.shape, weight.ty.shape]
-        if any(s is None or len(s) != 2 for s in shapes) or not isinstance(shapes[1][0], tirx.IntImm):
+        if any(s is None for s in shapes) or len(shapes[0]) < 2 or len(shapes[1]) != 2:
+            return None
+        if not all(isinstance(d, tirx.IntImm) for d in shapes[1]):
             return None
         if x.ty.dtype != "float32" or weight.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "float32"):
             return None

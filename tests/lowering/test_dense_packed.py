@@ -108,6 +108,32 @@ def test_compiled_linear_on_flattened_rows(batch):
     assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
 
 
+class TransposedInput(nn.Module):
+    """A linear layer on a non-contiguous (batch, seq, K) input, as attention's output projection reads
+    its heads' merged context: torch.export spells it as expand + bmm, a 3-D matmul in Relax."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(24, 19)
+
+    def forward(self, x):
+        return self.proj(x.transpose(0, 1)) + 1.0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_linear_on_a_3d_input_runs_on_packed_weights(batch):
+    torch.manual_seed(0)
+    model = TransposedInput().eval()
+    compiled = sfx.compile(model, torch.randn(7, 2, 24))
+    panel = 2 * vector_lanes(compiled.target)
+    shapes = [tuple(p.shape) for p in compiled.params]
+    assert (-(-19 // panel), 24, panel) in shapes and (19, 24) not in shapes and (24, 19) not in shapes
+    x = torch.randn(batch, 2, 24)
+    with torch.no_grad():
+        want = model(x)
+    assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
+
+
 class GatedBlock(nn.Module):
     """Token embeddings, a gated MLP (SiLU(gate(x)) * up(x), then down) and a residual: layers on
     batch * sequence rows, both symbolic (a ``config``, as transformers models have, makes compile keep
