@@ -7,7 +7,8 @@ a scale, a ``reshape`` merging batch and heads, ``matmul``, a ``reshape`` splitt
 P V, ``permute_dims`` back to (batch, seq, heads, head_dim). Lowered op by op, every permute is a copy
 of a whole tensor (K^T's a scalar, strided one) and the matmul's schedule sees only the copies.
 
-Here each float32 ``matmul`` of two activations (both of rank 3 or more) becomes one ``call_tir`` of a
+Here each float32 batched ``matmul`` (one operand of rank 3 or more, the other of rank 2 or more: a
+weight shared by the batch as well) becomes one ``call_tir`` of a
 TE kernel whose iteration space is the layout after the matmul's single-use chain of ``permute_dims``
 and batch-splitting ``reshape`` consumers, and whose reads index the tensors before its operands'
 chains of ``permute_dims``, ``reshape`` and multiplications by scalar constants, as far back as every
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 from structfx.lowering.compat import Target, relax, te, tirx, tvm
 from structfx.lowering.ops.common import tile_multiple, vector_lanes
+from structfx.lowering.schedule_rules.matmul import Matmul
 
 #: Name of the kernel (its PrimFunc, before fusion adds the names of the ops fused after it).
 KERNEL = "batched_matmul"
@@ -48,10 +50,8 @@ class Step:
 
 
 def fold_batched_matmuls(mod, target: Target):
-    """``mod`` with every batched float32 matmul of two activations in its Relax functions as one
+    """``mod`` with every batched float32 matmul in its Relax functions as one
     ``batched_matmul`` kernel over its operands' and result's layout chains (see the module docstring)."""
-    from structfx.lowering.schedule_rules.matmul import Matmul
-
     lanes = vector_lanes(target)
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, relax.Function):
@@ -106,7 +106,8 @@ def _eligible(call) -> bool:
     a, b = call.args
     dims = [a.ty.ndim, b.ty.ndim]
     dtypes = {str(a.ty.dtype), str(b.ty.dtype), str(call.attrs.out_dtype) or "float32"}
-    return min(dims) >= 3 and dtypes == {"float32"} and all(t.ty.shape is not None for t in (a, b, call))
+    return min(dims) >= 2 and max(dims) >= 3 and dtypes == {"float32"} and all(
+        t.ty.shape is not None for t in (a, b, call))
 
 
 def _plan(var, call, values, users, lanes, tile_of):

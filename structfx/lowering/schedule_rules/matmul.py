@@ -23,7 +23,9 @@ the micro-kernel has no tail.
 
 from __future__ import annotations
 
-from structfx.lowering.compat import Schedule, Target, tirx, tvm
+import contextlib
+
+from structfx.lowering.compat import Schedule, ScheduleError, Target, tirx, tvm
 from structfx.lowering.ops.common import OpScheduleRule, vector_lanes
 from structfx.lowering.schedule_rules.analysis import (
     MatmulForm,
@@ -94,6 +96,8 @@ class Matmul(OpScheduleRule):
         if out is None:
             return False
         nest = {sch.get(main).name_hint, sch.get(out).name_hint}
+        if not _inline_epilogue_inputs(sch, main, out, nest):
+            return False
         others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in nest]
         if form.nt:
             _nt_kernel(sch, main, out, form, mr, nr, lanes, extents)
@@ -102,6 +106,18 @@ class Matmul(OpScheduleRule):
         for block in others:
             parallel_vectorized(sch, block, lanes)
         return True
+
+
+def _inline_epilogue_inputs(sch: Schedule, main, out, nest: set) -> bool:
+    """Inline the blocks that compute inputs of the epilogue (an attention mask or position bias fusion
+    put before the matmul) into it, so the epilogue can run inside each tile; False where one cannot be."""
+    feeding_main = {sch.get(b).name_hint for b in sch.get_producers(main)}
+    others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in nest | feeding_main]
+    for block in reversed(others):
+        with contextlib.suppress(ScheduleError):
+            sch.compute_inline(block)
+    producers = {sch.get(b).name_hint for b in sch.get_producers(out)}
+    return not producers - nest
 
 
 def _divides(factor: int, extent) -> bool:
