@@ -15,7 +15,7 @@ from tvm.ir import TensorLoad  # noqa: E402
 from tvm.ir.utils import derived_object  # noqa: E402
 from tvm.relax.frontend import detach_params  # noqa: E402
 from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
-from tvm.s_tir import Schedule, dlight, meta_schedule  # noqa: E402
+from tvm.s_tir import MatchBufferRegion, SBlock, SBlockRealize, Schedule, dlight, meta_schedule, renew_defs  # noqa: E402
 from tvm.s_tir.dlight import ScheduleRule  # noqa: E402
 from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func  # noqa: E402
 from tvm.s_tir.schedule import ScheduleError  # noqa: E402
@@ -23,7 +23,7 @@ from tvm.support.tar import tar  # noqa: E402
 from tvm.target import Target, codegen  # noqa: E402
 
 __all__ = [
-    "Schedule", "ScheduleError", "ScheduleRule", "Target", "TensorLoad", "codegen", "derived_object",
-    "detach_params", "dlight", "from_exported_program", "get_root_block", "meta_schedule", "normalize_prim_func",
-    "relax", "tar", "te", "tirx", "topi", "tvm",
+    "MatchBufferRegion", "SBlock", "SBlockRealize", "Schedule", "ScheduleError", "ScheduleRule", "Target",
+    "TensorLoad", "codegen", "derived_object", "detach_params", "dlight", "from_exported_program", "get_root_block",
+    "meta_schedule", "normalize_prim_func", "relax", "renew_defs", "tar", "te", "tirx", "topi", "tvm",
 ]

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import structfx as sfx
-from structfx.lowering.compat import Target, te, tirx, tvm
+from structfx.lowering.compat import Schedule, Target, te, tirx, tvm
 from structfx.lowering.ops.common import vector_lanes
 from structfx.lowering.packing import ACCUMULATE, ROWS, dense_packed
-from structfx.lowering.schedule_rules.dense_packed import DensePacked
+from structfx.lowering.schedule_rules.dense_packed import GEMV_PANELS, DensePacked, _gemv
 
 AVX2 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512f"]})
 AVX512 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
@@ -36,12 +36,8 @@ def pack_numpy(w: np.ndarray, panel: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(-1, panel, k).transpose(0, 2, 1))
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 130, 97), (7, 97, 130), (33, 16, 33), (6, 256, 64)])
-def test_rule_matches_torch_at_odd_and_prime_sizes(m, n, k):
+def run_against_torch(lib, m, n, k):
     x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
-    sch = DensePacked().apply(packed_dense(m, n, k, 16), AVX2, False)
-    assert sch is not None
-    lib = tvm.compile(sch.mod, target=AVX2)
     dev = tvm.cpu()
     arrays = [x.numpy(), pack_numpy(w.numpy(), 16), b.numpy(), np.zeros((m, n), "float32")]
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
@@ -50,13 +46,58 @@ def test_rule_matches_torch_at_odd_and_prime_sizes(m, n, k):
     assert float((torch.from_numpy(args[-1].numpy()) - want).norm() / want.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 130, 97), (7, 97, 130), (33, 16, 33), (6, 256, 64), (1, 96, 97), (1, 48, 131),
+                                   (1, 192, 13)])
+def test_rule_matches_torch_at_odd_and_prime_sizes(m, n, k):
+    """Row tiles (M > 1, or columns not whole panels) and the GEMV nest (M = 1: groups of 1, 2 or 4 panels)."""
+    sch = DensePacked().apply(packed_dense(m, n, k, 16), AVX2, False)
+    assert sch is not None
+    run_against_torch(tvm.compile(sch.mod, target=AVX2), m, n, k)
+
+
+def test_symbolic_rows_choose_the_gemv_nest_for_one_row_at_run_time():
+    """One build for any M: an ``if`` on M, the GEMV nest (in a block of its own) for one row, row tiles
+    otherwise; both match torch."""
+    m = tirx.Var("m", "int64")
+    sch = DensePacked().apply(packed_dense(m, 96, 97, 16), AVX2, False)
+    branch = sch.mod["main"].body.block.body
+    assert isinstance(branch, tirx.IfThenElse) and str(branch.condition) == "m == T.int64(1)"
+    assert branch.then_case.block.name_hint == "gemv"
+    lib = tvm.compile(sch.mod, target=AVX2)
+    for rows in (1, 2, 3, 5, 8):
+        run_against_torch(lib, rows, 96, 97)
+
+
+@pytest.mark.parametrize("target,panel", [(AVX2, 16), (AVX512, 32)], ids=["avx2", "avx512"])
+def test_structure_gemv_groups_of_panels_in_parallel(target, panel):
+    """Groups of GEMV_PANELS panels in parallel outermost, then the rows, the whole of K, and the group's
+    panels unrolled, each panel's columns vectorised: one row by the group's columns of accumulators,
+    compacted to a global-scope (stack, registers) array."""
+    m = tirx.Var("m", "int64")
+    group = GEMV_PANELS * panel
+    sch = _gemv(Schedule(packed_dense(m, 2 * group, 64, panel)), target)
+    main = sch.get_sblock(f"{ACCUMULATE}_update")
+    loops = [sch.get(loop) for loop in sch.get_loops(main)]
+    kind = tirx.ForKind
+    assert loops[0].kind == kind.PARALLEL and int(loops[0].extent) == 2
+    assert loops[1].extent.same_as(m)
+    assert int(loops[-3].extent) == 64
+    assert loops[-2].kind == kind.UNROLLED and int(loops[-2].extent) == GEMV_PANELS
+    assert loops[-1].kind == kind.VECTORIZED and int(loops[-1].extent) == panel
+    passes = tvm.s_tir.transform
+    lowered = passes.PlanAndUpdateBufferAllocationLocation()(passes.LowerInitBlock()(sch.mod))
+    compacted = passes.CompactBufferAllocation()(passes.ConvertBlocksToOpaque()(lowered))
+    assert f'alloc_buffer((T.int64(1), {group}))' in compacted.script()
+
+
 @pytest.mark.parametrize("target,panel", [(AVX2, 16), (AVX512, 32)], ids=["avx2", "avx512"])
 def test_structure_register_tiles_of_panels_in_parallel(target, panel):
     """Panels in parallel outermost, then row tiles, k, and a ROWS x panel tile of accumulators compacted
     to the tile (a global-scope stack array LLVM keeps in registers): rows unrolled, the panel's columns
-    vectorised; the epilogue stores the tile."""
+    vectorised; the epilogue stores the tile. (The nest alone, as tuning gets it: compile's function also
+    has the GEMV nest, for one row.)"""
     m = tirx.Var("m", "int64")
-    sch = DensePacked().apply(packed_dense(m, 512, 64, panel), target, False)
+    sch = DensePacked().apply(packed_dense(m, 512, 64, panel), target, True)
     assert sch is not None
     main = sch.get_sblock(f"{ACCUMULATE}_update")
     loops = [sch.get(loop) for loop in sch.get_loops(main)]

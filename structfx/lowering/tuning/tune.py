@@ -180,13 +180,14 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 
 def apply_database(mod: tvm.IRModule, target: Target, database: str | Path) -> tvm.IRModule:
     """Schedule each kernel of a legalized module by the best record its workload has in ``database``
-    (the hand schedule's own record included); kernels without records keep the rules' hand schedules."""
+    (the hand schedule's own record included); kernels without records, or whose best record is the hand
+    schedule's, keep the rules' hand schedules."""
     db = TuningDatabase(database, target, create=False)
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tirx.PrimFunc):
             continue
         best = db.best(workload_hash(workload_of(func)))
-        if best is None:
+        if best is None or best.hand:  # the rules' own schedule: a rule may rebuild the function (no trace)
             continue
         sch = Schedule(func)
         tvm.s_tir.schedule.Trace.apply_json_to_schedule(best.trace, sch)
