@@ -6,10 +6,12 @@ the matmul they follow (one PrimFunc with the matmul block and its elementwise e
 chains of elementwise ops become one kernel. On the CPU a ``matmul(x, permute_dims(w))`` is first made
 one ``NT_matmul`` (TVM's FuseTransposeMatmul) that reads ``w`` in its stored (N, K) layout: no
 transposed copy of the weights per call, and the matmul schedule rule's dot-product kernel reads both operands
-contiguously. On the CPU exp, erf, tanh, sigmoid, SiLU, GELU and softmax legalize to TVM's vectorisable
-approximations (``structfx.lowering.fast_math``) instead of scalar libm calls. Our own kernels (PrimFuncs
-named ``structfx_*``) are marked opaque, so fusion leaves them, their names and their block names as they
-are: their schedule rules, ``CompiledModel.kernels`` and tuning's task extraction find them by those names.
+contiguously; dense layers on flattened rows keep their reshapes views and their elementwise neighbours
+on their rows (``structfx.lowering.rows``), so those fuse into the kernel's epilogue. On the CPU exp,
+erf, tanh, sigmoid, SiLU, GELU and softmax legalize to TVM's vectorisable approximations
+(``structfx.lowering.fast_math``) instead of scalar libm calls. Our own kernels (PrimFuncs named
+``structfx_*``) are marked opaque, so fusion leaves them, their names and their block names as they are:
+their schedule rules, ``CompiledModel.kernels`` and tuning's task extraction find them by those names.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from structfx.lowering.batched_matmul import fold_batched_matmuls
 from structfx.lowering.compat import Target, relax, tirx, tvm
 from structfx.lowering.fast_math import fast_math_legalizations
-from structfx.lowering.packing import plain_rows
+from structfx.lowering.rows import plain_rows
 
 #: TVM's OpPatternKind kOpaque: FuseOps neither fuses into nor out of such a function.
 OPAQUE = 8

@@ -56,7 +56,7 @@ def pack(weight: relax.Expr, n: int, k: int, panel: int) -> relax.Expr:
     return relax.op.permute_dims(relax.op.reshape(weight, [panels, panel, k]), [0, 2, 1])
 
 
-def _kernel_call(builder, x: relax.Expr, packed: relax.Expr, n: int) -> relax.Call:
+def kernel_call(builder, x: relax.Expr, packed: relax.Expr, n: int) -> relax.Call:
     """A call of ``dense_packed`` on ``x`` and ``packed``, marked fusible with the ops after it."""
     call = builder.call_te(dense_packed, x, packed, n, primfunc_name_hint=KERNEL)
     gv = call.args[0]
@@ -92,7 +92,7 @@ class _DensePacker(relax.PyExprMutator):
         leading = list(x.ty.shape)[:-1]
         if len(leading) > 1:  # (..., K): the layer on its rows flattened, the result given its leading dims back
             x = self.builder_.emit(relax.op.reshape(x, [_product(leading), k]))
-        product = _kernel_call(self.builder_, x, self.builder_.emit(pack(weight, n, k, self.panel)), n)
+        product = kernel_call(self.builder_, x, self.builder_.emit(pack(weight, n, k, self.panel)), n)
         if len(leading) > 1:
             return relax.op.reshape(self.builder_.emit(product), [*leading, n])
         return product
@@ -122,44 +122,6 @@ class _DensePacker(relax.PyExprMutator):
         if x.ty.dtype != "float32" or weight.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "float32"):
             return None
         return weight
-
-
-@relax.expr_functor.mutator
-class _PlainRows(relax.PyExprMutator):
-    """Each ``dense_packed`` call on compound rows (``b * s``: a (batch, seq, K) input flattened) on
-    those rows bound to a plain var by a match_cast, its result (rows, N): the fused epilogue then
-    sees the kernel's plain ``rows`` (FuseTIR needs one buffer shape per Relax var; the schedule's
-    reverse_compute_at cannot prove a compound extent's padded row tiles cover it). One var per
-    compound extent, so the outputs of layers on the same rows still combine (a gated MLP's
-    ``gate(x) * up(x)``). Done last before legalization (``structfx.lowering.fusion``): Relax's binding
-    canonicalisation (in LiftTransformParams, in ``rewrite_call``) substitutes such a var by its value."""
-
-    def __init__(self, mod) -> None:
-        super().__init__(mod)
-        self.plain: list[tuple] = []  # (compound extent, its var)
-        self.analyzer = tvm.sym.Analyzer()
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if not call.op.same_as(tvm.ir.Op.get("relax.call_tir")) or not call.args[0].name_hint.startswith(KERNEL):
-            return call
-        x, packed = call.args[1].fields[:2]  # then the symbolic vars call_te passes for compound rows
-        rows, k = x.ty.shape
-        if isinstance(rows, (tirx.IntImm, tirx.Var)):
-            return call
-        var = next((v for e, v in self.plain if self.analyzer.can_prove_equal(e, rows)), None)
-        if var is None:
-            var = tirx.Var("rows", "int64")
-            self.plain.append((rows, var))
-        x = self.builder_.match_cast(x, relax.TensorType([var, k], "float32"))
-        return _kernel_call(self.builder_, x, packed, int(call.ty.shape[1]))
-
-
-def plain_rows(mod):
-    """``mod`` with its ``main``'s dense layers on compound rows working on a plain rows var (_PlainRows)."""
-    rewriter = _PlainRows(mod)
-    rewriter.builder_.update_func(mod.get_global_var("main"), rewriter.visit_expr(mod["main"]))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
 
 def pack_dense_weights(mod, panel: int):

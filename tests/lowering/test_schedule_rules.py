@@ -186,3 +186,31 @@ def test_elementwise_structure_parallel_outside_vectorised_inside():
     y = te.compute(x.shape, lambda i, j: te.max(x[i, j] * 2.0, tirx.const(0.0, "float32")), name="relu")
     loops = _loops(GenericCPU().apply(te.create_prim_func([x, y]), AVX2, False))
     assert ("vectorized", 8) in loops and "parallel" in [kind for kind, _ in loops]
+
+
+def _masked_add(b, s):
+    """Attention's score add: (b, 2, s, s) + a mask (b, 1, s, s) broadcast over the heads."""
+    x, m = te.placeholder((b, 2, s, s), name="x"), te.placeholder((b, 1, s, s), name="m")
+    out = te.compute(x.shape, lambda i, h, q, k: x[i, h, q, k] + m[i, 0, q, k], name="masked")
+    return te.create_prim_func([x, m, out])
+
+
+def test_elementwise_with_symbolic_innermost_extent_keeps_it_a_serial_inner_loop():
+    """Fused into the parallel loop, every element would take its indices apart by divisions by s."""
+    s = tirx.Var("s", "int64")
+    sch = GenericCPU().apply(_masked_add(tirx.Var("b", "int64"), s), AVX2, False)
+    loops = sch.get_loops(sch.get_sblock("masked"))
+    assert len(loops) == 2
+    assert sch.get(loops[0]).kind == tirx.ForKind.PARALLEL
+    assert sch.get(loops[1]).kind == tirx.ForKind.SERIAL and sch.get(loops[1]).extent.same_as(s)
+
+
+@pytest.mark.parametrize("b,s", [(1, 1), (3, 7), (2, 33)])
+def test_elementwise_with_symbolic_extents_matches_numpy(b, s):
+    func = _masked_add(tirx.Var("b", "int64"), tirx.Var("s", "int64"))
+    target = host_target()
+    lib = tvm.compile(GenericCPU().apply(func, target, False).mod, target=target)
+    x, m = np.random.rand(b, 2, s, s).astype("float32"), np.random.rand(b, 1, s, s).astype("float32")
+    args = [tvm.runtime.tensor(a) for a in (x, m, np.zeros_like(x))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), x + m, rtol=1e-6)
