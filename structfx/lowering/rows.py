@@ -102,7 +102,7 @@ class _PlainRows(relax.PyExprMutator):
                 args.append(arg)
             elif self._same_shape(arg.ty.shape, shape):
                 args.append(self._to_rows(arg, rows, n))
-            elif arg.ty.ndim == 0 or (arg.ty.ndim == 1 and self._same_shape([n], shape[-1:])
+            elif arg.ty.ndim == 0 or (arg.ty.ndim == 1 and self._same_shape([n], list(shape)[-1:])
                                       and self._same_shape(arg.ty.shape, [n])):
                 args.append(arg)
             else:
