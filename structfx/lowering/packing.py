@@ -1,6 +1,7 @@
 """Dense weights packed once, at compile time, into the panels the GEMM micro-kernel streams.
 
-A dense layer ``x @ w.T`` (``matmul(x, permute_dims(w))`` with ``w`` a parameter of ``main``; x (M, K),
+A dense layer ``x @ w.T`` (``matmul(x, permute_dims(w))`` with ``w`` a parameter of ``main``, or
+``matmul(x, w)`` with ``w`` (K, N) a parameter, as transformers' ``Conv1D`` stores it; x (M, K),
 its rows a plain or compound (``b * s``) extent, or (..., K), its leading dims flattened to such rows)
 becomes a call of ``dense_packed`` on ``x`` and ``w`` packed into panels (Goto & van de Geijn, "Anatomy
 of high-performance matrix multiplication", 2008; BLIS's packed B): ``w`` (N, K) zero-padded to a
@@ -99,29 +100,37 @@ class _DensePacker(relax.PyExprMutator):
 
 
     def _packable_weight(self, call: relax.Call):
-        """The parameter ``w`` of a float32 ``matmul(x (..., K), permute_dims(w (N, K)))``, or None."""
+        """The (N, K) weight of a float32 dense layer ``matmul(x (..., K), permute_dims(w (N, K)))``
+        (``nn.Linear``) or ``matmul(x (..., K), w (K, N))`` (transformers' ``Conv1D``) with ``w`` a
+        parameter, or None: ``w`` itself, or its transpose (a Relax op on the parameter alone, lifted with
+        the packing)."""
         if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
             return None
-        x, transposed = call.args
-        if not isinstance(transposed, relax.Var):
+        x, operand = call.args
+        if not isinstance(operand, relax.Var) or x.ty.shape is None or len(x.ty.shape) < 2:
             return None
-        binding = self.lookup_binding(transposed)
-        if not isinstance(binding, relax.Call) or not isinstance(binding.op, tvm.ir.Op):
+        if x.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "float32"):
             return None
-        if binding.op.name != "relax.permute_dims":
-            return None
-        weight = binding.args[0]
-        axes = binding.attrs.axes
-        if not any(weight.same_as(w) for w in self.weights) or (axes is not None and [int(a) for a in axes] != [1, 0]):
-            return None
-        shapes = [x.ty.shape, weight.ty.shape]
-        if any(s is None for s in shapes) or len(shapes[0]) < 2 or len(shapes[1]) != 2:
-            return None
-        if not all(isinstance(d, tirx.IntImm) for d in shapes[1]):
-            return None
-        if x.ty.dtype != "float32" or weight.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "float32"):
-            return None
+        if self._is_weight(operand):
+            weight = self.builder_.emit(relax.op.permute_dims(operand, [1, 0]))
+        else:
+            binding = self.lookup_binding(operand)
+            if not isinstance(binding, relax.Call) or not isinstance(binding.op, tvm.ir.Op):
+                return None
+            if binding.op.name != "relax.permute_dims" or not self._is_weight(binding.args[0]):
+                return None
+            axes = binding.attrs.axes
+            if axes is not None and [int(a) for a in axes] != [1, 0]:
+                return None
+            weight = binding.args[0]
         return weight
+
+    def _is_weight(self, value) -> bool:
+        """Whether ``value`` is a float32 2-D parameter of static shape."""
+        ty = value.ty
+        return (any(value.same_as(w) for w in self.weights) and isinstance(ty, relax.TensorType)
+                and ty.dtype == "float32" and ty.shape is not None and len(ty.shape) == 2
+                and all(isinstance(d, tirx.IntImm) for d in ty.shape))
 
 
 def pack_dense_weights(mod, panel: int):

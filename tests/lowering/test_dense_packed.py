@@ -204,3 +204,30 @@ def test_compiled_layers_on_symbolic_batch_and_sequence():
         with torch.no_grad():
             want = block(ids)
         assert float((compiled(ids) - want).norm() / want.norm()) < 1e-5
+
+
+class KNWeight(nn.Module):
+    """A dense layer whose weight is stored (K, N), as transformers' Conv1D (GPT-2) keeps it:
+    ``addmm(b, x, w)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(24, 37) * 0.1)
+        self.bias = nn.Parameter(torch.randn(37) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, 24), self.weight).view(*x.shape[:-1], 37)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_kn_weight_runs_on_packed_weights(batch):
+    torch.manual_seed(0)
+    model = KNWeight().eval()
+    compiled = sfx.compile(model, torch.randn(2, 5, 24))
+    panel = 2 * vector_lanes(compiled.target)
+    shapes = [tuple(p.shape) for p in compiled.params]
+    assert (-(-37 // panel), 24, panel) in shapes and (24, 37) not in shapes
+    x = torch.randn(batch, 5, 24)
+    with torch.no_grad():
+        want = model(x)
+    assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
