@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ from structfx.runtime.signature import TensorSpec, check_inputs, type_name
 class CompiledModel:
     """Call it like the model it came from. Inputs are checked against the exported signature
     (structfx.runtime.signature) before any kernel runs; symbolic dims (the batch, a sequence length)
-    take any size in their bounds, with no padding. ``save(dir)`` writes a deployable artifact."""
+    take any size in their bounds, with no padding. ``save(dir)`` writes a deployable artifact. Calls from
+    several threads are safe and run one at a time (the VM keeps one call's state)."""
 
     def __init__(self, executable, params: list, inputs: list[TensorSpec], outputs: list[TensorSpec],
                  out_spec, target: Target, kernels: list[str]) -> None:
@@ -27,6 +29,7 @@ class CompiledModel:
         self._shared_device = "cuda" if target.kind.name == "cuda" else "cpu"  # torch tensors there go by DLPack
         self._allowed_devices = {"cpu", "cuda"} if target.kind.name == "cuda" else {"cpu"}
         self._checked = None  # the (shape, dtype, device) of each input of the last call that passed check_inputs
+        self._lock = threading.Lock()  # a Relax VM runs one call at a time: calls from several threads queue
 
     def _machine(self):
         """The Relax VM and the weights on the device, made on first use (a cuda build compiles
@@ -51,8 +54,10 @@ class CompiledModel:
                 f"order, or compile a wrapper module whose forward sets the other arguments"
             )
         self.check_inputs(args)
-        _, params = self._machine()
-        result = self._main(*[self._to_device(a) for a in args], *params)
+        values = [self._to_device(a) for a in args]
+        with self._lock:
+            _, params = self._machine()
+            result = self._main(*values, *params)
         outputs = [result] if isinstance(result, tvm.runtime.Tensor) else [result[i] for i in range(len(result))]
         return torch.utils._pytree.tree_unflatten([self._to_torch(t) for t in outputs], self.out_spec)
 

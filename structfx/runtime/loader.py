@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ from structfx.runtime.signature import TensorSpec, check_inputs, type_name
 
 class Runtime:
     """A loaded artifact: call it with numpy arrays (or torch tensors, through DLPack); numpy comes back
-    (torch tensors for torch inputs). Several outputs come back as a tuple, in the model's output order."""
+    (torch tensors for torch inputs). Several outputs come back as a tuple, in the model's output order.
+    Calls from several threads are safe and run one at a time."""
 
     def __init__(self, manifest: dict, vm, params: list, device) -> None:
         self.manifest, self._vm, self._params, self._device = manifest, vm, params, device
+        self._lock = threading.Lock()  # a VM runs one call at a time: calls from several threads queue
         self.inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
 
@@ -31,7 +34,8 @@ class Runtime:
             type_name(arg) if a is None else (tuple(a.shape), str(a.dtype)) for arg, a in zip(args, arrays)
         ], "a numpy array or a CPU torch tensor")
         values = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
-        result = self._vm["main"](*values, *self._params)
+        with self._lock:
+            result = self._vm["main"](*values, *self._params)
         leaves = [result] if hasattr(result, "numpy") else list(result)
         outputs = [leaf.numpy() for leaf in leaves]
         if torch_in:

@@ -47,3 +47,21 @@ def test_each_call_returns_its_own_output(model_and_compiled):
     first, second = compiled(a), compiled(b)
     with torch.no_grad():
         assert torch.allclose(first, model(a), atol=1e-5) and torch.allclose(second, model(b), atol=1e-5)
+
+
+def test_calls_from_several_threads_give_each_its_own_result(model_and_compiled, tmp_path):
+    """One CompiledModel (and its saved artifact, loaded) called from three threads at mixed batch sizes: each
+    call gets the eager values of its own input (the VM runs one call at a time; unguarded, this crashed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from structfx.runtime import load
+
+    model, compiled = model_and_compiled
+    loaded = load(compiled.save(tmp_path / "artifact"))
+    inputs = [torch.randn(batch, 16) for batch in (1, 3, 8, 17) * 10]
+    with torch.no_grad():
+        wants = [model(x) for x in inputs]
+    for run in (compiled, loaded):
+        with ThreadPoolExecutor(3) as pool:
+            gots = list(pool.map(run, inputs))
+        assert all(torch.allclose(got, want, atol=1e-6) for got, want in zip(gots, wants))
