@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from structfx.errors import StructfxError, require_module, require_path
 from structfx.lowering.compat import detach_params, from_exported_program, relax, tvm
 from structfx.lowering.compiled import CompiledModel
+from structfx.lowering.conv_packing import lift_conv_weights
 from structfx.lowering.converters import converter_map
 from structfx.lowering.export import example_arguments, export_for_compile, input_specs, output_specs
 from structfx.lowering.fusion import unbroadcast_matmul_weights
@@ -82,7 +83,8 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
 
 def lower_to_relax(program, target):
     """The Relax module of an exported program, parameters detached: (module, [weights in order]). On
-    the CPU, dense layers' weights come back packed for the GEMM kernel (structfx.lowering.packing)."""
+    the CPU, dense layers' weights come back packed for the GEMM kernel (structfx.lowering.packing), and
+    convolutions' with their batch norms folded in and packed (structfx.lowering.conv_packing)."""
     try:
         with torch.no_grad():
             program = prepare_for_import(program)
@@ -95,6 +97,7 @@ def lower_to_relax(program, target):
     mod, params = detach_params(mod)
     mod, params = _sizes_from_one(mod), list(params.get("main", []))
     if target.kind.name == "llvm":
+        mod, params = lift_conv_weights(mod, params, target)
         mod, params = lift_weight_packing(unbroadcast_matmul_weights(mod), params, target)
     return mod, params
 

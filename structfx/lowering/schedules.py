@@ -42,10 +42,11 @@ def schedule_rules_for(target: Target) -> list[ScheduleRule]:
         gpu = dlight.gpu
         return [*ours, gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
     from structfx.lowering.schedule_rules.conv import Conv
+    from structfx.lowering.schedule_rules.conv_packed import ConvPacked
     from structfx.lowering.schedule_rules.dense_packed import DensePacked
     from structfx.lowering.schedule_rules.matmul import Matmul
 
-    return [*ours, DensePacked(), Matmul(), Conv(), dlight.cpu.Reduction(), GenericCPU()]
+    return [*ours, DensePacked(), ConvPacked(), Matmul(), Conv(), dlight.cpu.Reduction(), GenericCPU()]
 
 
 def legalize(mod, target: Target):

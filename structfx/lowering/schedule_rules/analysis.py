@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from structfx.lowering.compat import Schedule, ScheduleError, TensorLoad, get_root_block, tirx
+from structfx.lowering.compat import Schedule, ScheduleError, TensorLoad, get_root_block, tirx, tvm
 
 
 @dataclass(frozen=True)
@@ -163,3 +163,42 @@ def conv_form(block: tirx.SBlock) -> ConvForm | None:
         return None
     f, x = channels[0], out[-1]
     return ConvForm(tuple(p for p in out if p not in (f, x)), f, x, reduce, tuple(out))
+
+
+def inline_elementwise_epilogue(sch: Schedule, main, shape=None):
+    """The blocks after ``main`` that are elementwise on ``shape`` (default: its output's; a chain of bias, activation,
+    residual add...), inlined into the last of them, which is returned with the blocks after the chain
+    (ones fusion put there that are not elementwise on that shape, e.g. the next layer's zero padding:
+    computed inside ``main``'s tiles they would leave every element no tile covers unwritten).
+    Returns (last block of the chain or None where there is none, [blocks after it]), or None where a
+    block of the chain cannot be inlined."""
+    blocks = root_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    after = blocks[names.index(sch.get(main).name_hint) + 1:]
+    shape = sch.get(main).writes[0].source.shape if shape is None else shape
+    chain = []
+    for block in after:
+        if not _elementwise_on(sch.get(block), shape):
+            break
+        chain.append(block)
+    for block in chain[:-1]:
+        try:
+            sch.compute_inline(block)
+        except ScheduleError:
+            return None
+    return (chain[-1] if chain else None), after[len(chain):]
+
+
+def _elementwise_on(block: tirx.SBlock, shape) -> bool:
+    """Whether ``block`` writes one buffer of ``shape`` at exactly its (all spatial) iter vars, in order."""
+    if len(block.writes) != 1 or len(block.iter_vars) != len(shape):
+        return False
+    if any(iv.iter_type != tirx.IterVar.DataPar for iv in block.iter_vars):
+        return False
+    analyzer = tvm.sym.Analyzer()
+    written = block.writes[0]
+    if len(written.source.shape) != len(shape) or not all(
+            analyzer.can_prove_equal(a, b) for a, b in zip(written.source.shape, shape)):
+        return False
+    return all(r.min.same_as(iv.var) and analyzer.can_prove_equal(r.extent, 1)
+               for r, iv in zip(written.region, block.iter_vars))

@@ -4,15 +4,21 @@ A register tile of MR output channels by NR positions along the output's innermo
 registers over every (input channel, kernel offset): per step MR broadcast weights and one vector load of
 the (padded) input row, the outer product of the two (the outer-product micro-kernel of the matmul schedule rule,
 with the input row in place of B; Goto & van de Geijn 2008). Tiles over batch, channel blocks and output
-rows run in parallel; the fused epilogue (bias, batch norm, activation, residual add) is applied to each
-tile while it is in registers. The zero padding stays its own parallel, vectorised pass.
+rows run in parallel; the fused elementwise epilogue (bias, folded batch norm, activation, residual add)
+is applied to each tile while it is in registers; blocks after it that are not elementwise on the output
+(the next layer's zero padding) run as their own passes. The zero padding stays its own parallel, vectorised pass.
 """
 
 from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, tirx
 from structfx.lowering.ops.common import OpScheduleRule, present, vector_lanes
-from structfx.lowering.schedule_rules.analysis import conv_form, inline_epilogue, root_blocks, single_main_block
+from structfx.lowering.schedule_rules.analysis import (
+    conv_form,
+    inline_elementwise_epilogue,
+    root_blocks,
+    single_main_block,
+)
 from structfx.lowering.schedule_rules.matmul import registers
 from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
 
@@ -27,16 +33,18 @@ class Conv(OpScheduleRule):
         found = single_main_block(sch, conv_form)
         if found is None:
             return False
-        main, form, last = found
+        main, form, _ = found
         extents = [iv.dom.extent for iv in sch.get(main).iter_vars]
         channels, width = extents[form.f], extents[form.x]
         if not isinstance(channels, tirx.IntImm) or not isinstance(width, tirx.IntImm):
             return False
-        if last:
-            sch.cache_write(main, 0, "global")  # the tile's copy out: the accumulators stay local
-        out = inline_epilogue(sch, main)
-        if out is None:
+        found = inline_elementwise_epilogue(sch, main)
+        if found is None:
             return False
+        if found[0] is None:  # the tile's copy out: the accumulators stay local
+            sch.cache_write(main, 0, "global")
+            found = inline_elementwise_epilogue(sch, main)
+        out = found[0]
         others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in
                   (sch.get(main).name_hint, sch.get(out).name_hint)]
         lanes = vector_lanes(target)
