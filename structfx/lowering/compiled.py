@@ -54,10 +54,9 @@ class CompiledModel:
                 f"order, or compile a wrapper module whose forward sets the other arguments"
             )
         self.check_inputs(args)
-        values = [self._to_device(a) for a in args]
         with self._lock:
-            _, params = self._machine()
-            result = self._main(*values, *params)
+            _, params = self._machine()  # first: it says when the build's device is absent
+            result = self._main(*[self._to_device(a) for a in args], *params)
         outputs = [result] if isinstance(result, tvm.runtime.Tensor) else [result[i] for i in range(len(result))]
         return torch.utils._pytree.tree_unflatten([self._to_torch(t) for t in outputs], self.out_spec)
 

@@ -67,8 +67,9 @@ def test_attention_reads_q_k_v_in_the_projection_layout():
     signatures = [re.sub(r"T\.int64\((\d+)\)", r"\1", func.script().split("T.func_attr")[0])
                   for gv, func in mod.functions_items() if "batched_matmul" in gv.name_hint]
     # Q and K (Q K^T), V and the result (P V) in the (batch, seq, heads, head_dim) layout; the output
-    # projection on the (batch, seq, width) view of P V's result is the third
-    assert len(signatures) == 3
+    # projection on the (batch, seq, width) view of P V's result runs on packed weights (packing.py)
+    assert len(signatures) == 2
+    assert any(name.startswith("fused_dense_packed") or name.startswith("dense_packed") for name in names)
     assert sum(s.count("13, 2, 16)") == 2 for s in signatures) == 2, signatures
 
 
