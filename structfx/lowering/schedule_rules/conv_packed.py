@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, tirx
 from structfx.lowering.conv_packing import ACCUMULATE
-from structfx.lowering.ops.common import OpScheduleRule, find_block, vector_lanes
-from structfx.lowering.schedule_rules.analysis import inline_elementwise_epilogue, reduces, root_blocks
+from structfx.lowering.ops.common import OpScheduleRule, vector_lanes
+from structfx.lowering.schedule_rules.analysis import (
+    inline_elementwise_epilogue,
+    root_blocks,
+    single_main_block,
+)
 from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
 
 
@@ -26,14 +30,12 @@ class ConvPacked(OpScheduleRule):
     fusion put after it; float32."""
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
-        main = find_block(sch, ACCUMULATE)
-        if main is None:
+        found = single_main_block(sch, lambda block: block.name_hint == ACCUMULATE or None)
+        if found is None:
             return False
+        main = found[0]
         blocks = root_blocks(sch)
-        names = [sch.get(b).name_hint for b in blocks]
-        position = names.index(ACCUMULATE)
-        if any(reduces(sch.get(b)) for n, b in enumerate(blocks) if n != position):
-            return False
+        position = [sch.get(b).name_hint for b in blocks].index(ACCUMULATE)
         block = sch.get(main)
         tile = block.annotations.get("structfx.conv_tile")
         if tile is None:

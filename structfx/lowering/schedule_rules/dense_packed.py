@@ -26,7 +26,7 @@ from __future__ import annotations
 from structfx.lowering.compat import MatchBufferRegion, SBlock, SBlockRealize, Schedule, Target, renew_defs, tirx, tvm
 from structfx.lowering.ops.common import OpScheduleRule, find_block, vector_lanes
 from structfx.lowering.packing import ACCUMULATE, ROWS
-from structfx.lowering.schedule_rules.analysis import inline_epilogue, reduces, root_blocks
+from structfx.lowering.schedule_rules.analysis import inline_epilogue, root_blocks, single_main_block
 from structfx.lowering.schedule_rules.spatial import parallel_tiles, parallel_vectorized
 
 #: Below this many panels, row tiles run in parallel with the panels (too few panels to share out).
@@ -58,14 +58,10 @@ class DensePacked(OpScheduleRule):
         return Schedule(_by_rows(rows == 1, small.mod["main"], large.mod["main"]))
 
     def schedule(self, sch: Schedule, target: Target, tunable: bool) -> bool:
-        main = find_block(sch, ACCUMULATE)
-        if main is None:
+        found = single_main_block(sch, lambda block: block.name_hint == ACCUMULATE or None)
+        if found is None:
             return False
-        blocks = root_blocks(sch)
-        names = [sch.get(b).name_hint for b in blocks]
-        position = names.index(ACCUMULATE)
-        if any(reduces(sch.get(b)) for n, b in enumerate(blocks) if n != position):
-            return False
+        main = found[0]
         lanes = vector_lanes(target)
         out = inline_epilogue(sch, main)
         if out is None:
