@@ -30,13 +30,12 @@ import operator
 from dataclasses import dataclass
 
 from structfx.lowering.compat import Target, relax, te, tirx, tvm
+from structfx.lowering.lifting import fusible_with_epilogue
 from structfx.lowering.ops.common import tile_multiple, vector_lanes
 from structfx.lowering.schedule_rules.matmul import Matmul
 
 #: Name of the kernel (its PrimFunc, before fusion adds the names of the ops fused after it).
 KERNEL = "batched_matmul"
-#: TVM's OpPatternKind kOutEWiseFusable: FuseOps fuses elementwise ops after such a function into it.
-OUT_ELEMWISE_FUSABLE = 4
 
 
 @dataclass(frozen=True)
@@ -391,11 +390,9 @@ class _Rewriter(relax.PyExprMutator):
             return
         sources = [plan.a] if plan.a.same_as(plan.b) else [plan.a, plan.b]
         args = [self.visit_expr(s) for s in sources]
-        call = self.builder_.call_te(
+        call = fusible_with_epilogue(self.builder_, self.builder_.call_te(
             functools.partial(batched_matmul, plan=plan), *args, primfunc_name_hint=KERNEL,
-        )
-        gv = call.args[0]
-        self.builder_.update_func(gv, self.builder_.get()[gv].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
+        ))
         new = self.builder_.emit(call) if isinstance(binding.var, relax.DataflowVar) else \
             self.builder_.emit_output(call)
         self.set_var_remap(binding.var, new)

@@ -28,13 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from structfx.lowering.compat import relax, te, tirx, tvm
+from structfx.lowering.lifting import fusible_with_epilogue, run_weight_computations
 from structfx.lowering.ops.common import vector_lanes
 from structfx.lowering.schedule_rules.matmul import registers
 
 #: Name of the kernel, and of its accumulation block (how the schedule rule recognises it).
 KERNEL, ACCUMULATE = "conv_packed", "conv_packed_accumulate"
-#: TVM's OpPatternKind kOutEWiseFusable: FuseOps fuses elementwise ops after such a function into it.
-OUT_ELEMWISE_FUSABLE = 4
 #: Vector registers a tile leaves for its weight vectors and broadcast input (AVX2's 16 hold 12
 #: accumulators); at least MIN_ACCUMULATORS keep two FMA pipes of latency 4 busy.
 SPARE_REGISTERS, MIN_ACCUMULATORS = 4, 8
@@ -206,10 +205,8 @@ class _ConvPacker(relax.PyExprMutator):
         kernel = self.builder_.call_te(
             lambda data, weights: conv_packed(data, weights, strides, padding, dilation, groups, channels, tile),
             x, packed, primfunc_name_hint=KERNEL)
-        gv = kernel.args[0]
-        self.builder_.update_func(gv, self.builder_.get()[gv].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
         self.rewritten = True
-        return kernel
+        return fusible_with_epilogue(self.builder_, kernel)
 
 
 def _on_parameters(func: relax.Function, params: list) -> list:
@@ -249,16 +246,4 @@ def lift_conv_weights(mod, params: list, target) -> tuple:
     prepared = prepare_conv_weights(mod, target)
     if prepared is mod:
         return mod, params
-    lifted = relax.transform.LiftTransformParams()(prepared)
-    name = "main_transform_params"
-    if name not in [gv.name_hint for gv in lifted.get_global_vars()]:
-        return prepared, params
-    transform = relax.transform.DeadCodeElimination([name])(_without(lifted, "main"))
-    executable = tvm.compile(transform, target=tvm.target.Target("llvm"))
-    weights = relax.VirtualMachine(executable, tvm.cpu(0))[name](params)
-    return _without(lifted, name), list(weights)
-
-
-def _without(mod, name: str):
-    functions = {gv: f for gv, f in mod.functions_items() if gv.name_hint != name}
-    return tvm.IRModule(functions, attrs=mod.attrs)
+    return run_weight_computations(prepared, params)

@@ -16,6 +16,7 @@ repacks, and the artifact stores the packed weights.
 from __future__ import annotations
 
 from structfx.lowering.compat import relax, te, tirx, tvm
+from structfx.lowering.lifting import fusible_with_epilogue, run_weight_computations
 from structfx.lowering.ops.common import vector_lanes
 
 #: Vectors of B per packed panel: the micro-kernel's NR is this many vectors (16 floats on AVX2).
@@ -26,8 +27,6 @@ PANEL_VECTORS = 2
 #: ``dense_packed`` computes a whole number of row tiles (the last one re-reads A's last row where M is
 #: not a multiple of it; those rows are never stored).
 ROWS = 4
-#: TVM's OpPatternKind kOutEWiseFusable: FuseOps fuses elementwise ops after such a function into it.
-OUT_ELEMWISE_FUSABLE = 4
 #: Name of the kernel, and of its accumulation block (how the schedule rule recognises it).
 KERNEL, ACCUMULATE = "dense_packed", "dense_packed_accumulate"
 
@@ -59,10 +58,7 @@ def pack(weight: relax.Expr, n: int, k: int, panel: int) -> relax.Expr:
 
 def kernel_call(builder, x: relax.Expr, packed: relax.Expr, n: int) -> relax.Call:
     """A call of ``dense_packed`` on ``x`` and ``packed``, marked fusible with the ops after it."""
-    call = builder.call_te(dense_packed, x, packed, n, primfunc_name_hint=KERNEL)
-    gv = call.args[0]
-    builder.update_func(gv, builder.get()[gv].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE))
-    return call
+    return fusible_with_epilogue(builder, builder.call_te(dense_packed, x, packed, n, primfunc_name_hint=KERNEL))
 
 
 def _product(dims: list):
@@ -151,18 +147,4 @@ def lift_weight_packing(mod, params: list, target) -> tuple:
     packed = pack_dense_weights(mod, PANEL_VECTORS * vector_lanes(target))
     if not any(gv.name_hint.startswith(KERNEL) for gv in packed.get_global_vars()):
         return mod, params
-    mod = relax.transform.LiftTransformParams()(relax.transform.DeadCodeElimination()(packed))
-    name = "main_transform_params"
-    if name not in [gv.name_hint for gv in mod.get_global_vars()]:
-        return mod, params
-    transform = relax.transform.DeadCodeElimination([name])(_without(mod, "main"))
-    mod = _without(mod, name)
-    executable = tvm.compile(transform, target=tvm.target.Target("llvm"))
-    machine = relax.VirtualMachine(executable, tvm.cpu(0))
-    packed = machine[name](params)
-    return mod, list(packed)
-
-
-def _without(mod, name: str):
-    functions = {gv: f for gv, f in mod.functions_items() if gv.name_hint != name}
-    return tvm.IRModule(functions, attrs=mod.attrs)
+    return run_weight_computations(relax.transform.DeadCodeElimination()(packed), params)
