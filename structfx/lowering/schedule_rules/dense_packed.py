@@ -63,11 +63,10 @@ class DensePacked(OpScheduleRule):
             return False
         main = found[0]
         lanes = vector_lanes(target)
-        out = inline_epilogue(sch, main)
-        if out is None:
+        found = _epilogue(sch, main)
+        if found is None:
             return False
-        nest = {ACCUMULATE, sch.get(out).name_hint}
-        others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in nest]
+        out, others = found
         panel = _panel_width(sch.get(main))
         i, j, k = sch.get_loops(main)
         panels = int(sch.get(j).extent) // panel
@@ -109,6 +108,16 @@ def _store_tile(sch: Schedule, out, tile, panel: int) -> None:
         sch.vectorize(columns)
 
 
+def _epilogue(sch: Schedule, main):
+    """The epilogue after ``main`` inlined into the output block: (that block, the other blocks left
+    outside the nest: the input's stages), or None where it cannot be inlined."""
+    out = inline_epilogue(sch, main)
+    if out is None:
+        return None
+    nest = {ACCUMULATE, sch.get(out).name_hint}
+    return out, [b for b in root_blocks(sch) if sch.get(b).name_hint not in nest]
+
+
 def _rows(sch: Schedule):
     """M: the rows of the kernel's input ``a`` (the 2-D buffer its accumulation reads)."""
     block = sch.get(find_block(sch, ACCUMULATE))
@@ -121,11 +130,10 @@ def _gemv(sch: Schedule, target: Target) -> Schedule | None:
     whole of K right before its epilogue: only the M rows are computed, not a padded tile. None where the
     output's columns are not whole groups of panels (of GEMV_PANELS, 2 or 1 panels)."""
     main = find_block(sch, ACCUMULATE)
-    out = inline_epilogue(sch, main)
-    if out is None:
+    found = _epilogue(sch, main)
+    if found is None:
         return None
-    nest = {ACCUMULATE, sch.get(out).name_hint}
-    others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in nest]
+    out, others = found
     panel = _panel_width(sch.get(main))
     rows, columns = sch.get_loops(out)
     n = sch.get(columns).extent
