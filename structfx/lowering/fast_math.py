@@ -13,6 +13,12 @@ A bare ``exp`` keeps TVM's own (libm) legalization: ``fast_exp`` saturates at ex
 inf between 88.38 and float32's true overflow at 88.72 and flushed results below 1e-38 to zero.
 
 Other dtypes keep TVM's own legalization.
+
+``x ** c`` for a constant ``c`` in {2, 3, -1, -2} (GELU's tanh form cubes its input, RMS norm squares it)
+runs as torch runs it (ATen's ``pow_tensor_scalar_optimized_kernel``): products and a division, in any
+float dtype, bit for bit torch's results, instead of a libm ``pow`` per element. transformers'
+``NewGELUActivation`` (GPT-2's) on (512, 512) floats went from 4.2-6.6 ms to 0.27-0.53 ms (one process,
+three rounds). Other exponents keep TVM's legalization.
 """
 
 from __future__ import annotations
@@ -79,7 +85,37 @@ def _legalization(name: str):
     return legalize
 
 
+#: Constant exponent -> (x, 1 in x's dtype) -> x ** exponent as torch computes it, without ``pow``.
+POWERS = {
+    2.0: lambda x, one: x * x,
+    3.0: lambda x, one: x * x * x,
+    -2.0: lambda x, one: one / (x * x),
+    -1.0: lambda x, one: one / x,
+}
+
+
+def _constant_exponent(expr: relax.Expr) -> float | None:
+    if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().ndim == 0:
+        return float(expr.value.numpy())
+    return None
+
+
+def _power_legalization():
+    default = tvm.ir.Op.get("relax.power").get_attr("FLegalize")
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        exponent = _constant_exponent(call.args[1])
+        if exponent not in POWERS or call.ty.dtype not in ("float16", "float32", "float64"):
+            return default(bb, call)
+        power, one = POWERS[exponent], tirx.const(1.0, call.ty.dtype)
+        return bb.call_te(lambda x: te.compute(x.shape, lambda *i: power(x(*i), one), name="T_power"),
+                          call.args[0], primfunc_name_hint="power")
+
+    return legalize
+
+
 def fast_math_legalizations() -> dict:
     """The ``customize_legalize_map`` for ``relax.transform.LegalizeOps``: every op of FAST on float32
-    through TVM's vectorisable approximations, any other dtype through TVM's own legalization."""
-    return {name: _legalization(name) for name in FAST}
+    through TVM's vectorisable approximations, any other dtype through TVM's own legalization; ``power``
+    by a constant of POWERS as torch computes it."""
+    return {"relax.power": _power_legalization(), **{name: _legalization(name) for name in FAST}}

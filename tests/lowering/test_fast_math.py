@@ -7,7 +7,7 @@ from torch import nn
 
 import structfx as sfx
 from structfx.lowering.compat import Target, relax, tirx
-from structfx.lowering.fast_math import FAST, fast_math_legalizations
+from structfx.lowering.fast_math import FAST, POWERS, fast_math_legalizations
 
 AVX2 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512f"]})
 
@@ -128,3 +128,31 @@ def test_bare_exp_keeps_float32_range():
     got, want = sfx.compile(Exp().eval(), x)(x), torch.exp(x)
     assert torch.isfinite(got[:, :-1]).all() and (got[:, :-1] > 0).all() and got[0, -1].isnan()
     assert torch.allclose(got[:, :-1], want[:, :-1], rtol=1e-6, atol=0)
+
+
+class Powers(nn.Module):
+    """Every constant exponent fast_math.POWERS computes without pow, and one it leaves to TVM (2.5)."""
+
+    def forward(self, x):
+        return x.pow(3), x**2, torch.pow(x, -1), x.pow(-2.0), x.pow(2.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_powers_match_torch_bit_for_bit(dtype):
+    x = torch.randn(5, 37, generator=torch.Generator().manual_seed(0), dtype=dtype) * 4
+    x[0, :6] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), float("-inf"), 1e-30])
+    compiled = sfx.compile(Powers().eval(), x)
+    *exact, other = compiled(x)
+    *want_exact, want_other = Powers()(x)
+    for got, want in zip(exact, want_exact):
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+    assert torch.allclose(other, want_other, rtol=1e-6, equal_nan=True)
+
+
+def test_constant_powers_call_no_pow():
+    assert set(POWERS) == {2.0, 3.0, -1.0, -2.0}
+    for exponent in POWERS:
+        script = _legalized(lambda x, e=exponent: relax.op.power(x, relax.const(e, "float32")), "float32").script()
+        assert "T.pow(" not in script
+    script = _legalized(lambda x: relax.op.power(x, relax.const(2.5, "float32")), "float32").script()
+    assert "T.pow(" in script
