@@ -10,6 +10,9 @@
   datatype T.float64 on the LHS ... T.float32 on the RHS``). They are emitted in the dtype torch computes
   them in (the node's own result dtype). TVM's convolutions and ``baddbmm`` also compute in float32 only:
   in another dtype they are refused with a StructfxError naming the op and the fix.
+- Max and min over dims (``aten.amax``, ``amin``: TVM has no converter; ``max.dim``, ``min.dim``: TVM
+  takes a top-1 sort, which lost NaN): a ``max``/``min`` reduction for the values (NaN-propagating, as
+  torch's, through ``structfx.lowering.nan_propagation``) and ``argmax``/``argmin`` for the indices.
 """
 
 from __future__ import annotations
@@ -97,6 +100,30 @@ def convert_linear(node: torch.fx.Node, importer) -> relax.Var:
     return importer.block_builder.emit(relax.op.linear(x, weight, bias, _result_dtype(node)))
 
 
+def _reduced_dims(node: torch.fx.Node) -> tuple[list[int] | None, bool]:
+    """(dims, keepdim) of ``amax(x, dim=[], keepdim=False)`` or ``max.dim(x, dim, keepdim=False)``;
+    ``None`` dims for every dim."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return dims or None, bool(keepdim)
+
+
+def extremum(reduce, arg_reduce):
+    """Converter of ``amax``/``amin`` (``arg_reduce`` None: values only) or ``max.dim``/``min.dim``
+    (values, indices)."""
+
+    def convert(node: torch.fx.Node, importer) -> relax.Var:
+        x, emit = importer.env[node.args[0]], importer.block_builder.emit
+        dims, keepdim = _reduced_dims(node)
+        values = emit(reduce(x, dims, keepdim))
+        if arg_reduce is None:
+            return values
+        return emit(relax.Tuple([values, emit(arg_reduce(x, dims[0], keepdim))]))
+
+    return convert
+
+
 def float32_only(name: str):
     """TVM's converter of ``name`` where the node computes in float32, a StructfxError otherwise."""
 
@@ -123,4 +150,8 @@ CONVERTERS = {
     "matmul.default": convert_matmul,
     "addmm.default": convert_addmm,
     "linear.default": convert_linear,
+    "amax.default": extremum(relax.op.max, None),
+    "amin.default": extremum(relax.op.min, None),
+    "max.dim": extremum(relax.op.max, relax.op.argmax),
+    "min.dim": extremum(relax.op.min, relax.op.argmin),
 }

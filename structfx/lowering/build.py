@@ -20,6 +20,7 @@ from structfx.lowering.converters import converter_map
 from structfx.lowering.export import example_arguments, export_for_compile, input_specs, output_specs
 from structfx.lowering.fusion import unbroadcast_matmul_weights
 from structfx.lowering.graph_fixes import prepare_for_import
+from structfx.lowering.nan_propagation import propagate_nan
 from structfx.lowering.packing import lift_weight_packing
 from structfx.lowering.parallel_grain import BUILD_CONFIG, apply_parallel_grain
 from structfx.lowering.schedules import apply_schedules, legalize, schedule_rules_for
@@ -125,13 +126,14 @@ def legalize_module(mod, target):
 
 def schedule_module(mod, target, database=None):
     """Each kernel scheduled: by its best record in ``database`` where it has one, else by the rules;
-    then each parallel loop with too little work to share runs serially (structfx.lowering.parallel_grain)."""
+    then each parallel loop with too little work to share runs serially (structfx.lowering.parallel_grain),
+    and float max and min propagate NaN as torch's do (structfx.lowering.nan_propagation)."""
     try:
         if database is not None:
             from structfx.lowering.tuning import apply_database
 
             mod = apply_database(mod, target, database)
-        return apply_parallel_grain(apply_schedules(mod, target), target)
+        return propagate_nan(apply_parallel_grain(apply_schedules(mod, target), target), target)
     except FAILURES as e:
         raise StructfxError(
             f"[schedule] no schedule for kernel {_failing_kernel(mod, target)}: {_gist(e)}; compile without a "
