@@ -193,7 +193,20 @@ def _export(model: nn.Module, example: tuple, requested: list[DynamicDim], hint,
         spec = hint(min=2, max=d.maximum) if d.maximum else hint
         shapes[d.input] = {**(shapes[d.input] or {}), d.dim: batch if d.role == "batch" and batch else spec}
     with _quiet_torch_logs():
-        return torch.export.export(model, example, dynamic_shapes=tuple(shapes), strict=False)
+        return torch.export.export(model, example, dynamic_shapes=_in_signature(model, shapes), strict=False)
+
+
+def _in_signature(model: nn.Module, shapes: list) -> tuple:
+    """``shapes`` (one per positional input) in the structure torch.export matches them to forward's
+    parameters by: the inputs that fill a ``*args`` parameter are one tuple there."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return tuple(shapes)
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not any(p.kind is p.VAR_POSITIONAL for p in parameters) or len(shapes) < len(named):
+        return tuple(shapes)
+    return (*shapes[: len(named)], tuple(shapes[len(named):]))
 
 
 def _is_symbolic(program: torch.export.ExportedProgram, d: DynamicDim) -> bool:

@@ -88,3 +88,15 @@ def test_wrong_inputs_are_refused_before_running():
 def test_bad_targets(target, message):
     with pytest.raises(sfx.StructfxError, match=message):
         sfx.compile(BTTLinear(16, 16), torch.randn(2, 16), target=target)
+
+
+class VarArgs(nn.Module):
+    def forward(self, x, *rest):
+        return x * rest[0] - rest[1]
+
+
+def test_forward_with_star_args_compiles_with_a_symbolic_batch():
+    model = VarArgs()
+    compiled = sfx.compile(model, tuple(torch.randn(3, 4) for _ in range(3)))
+    inputs = tuple(torch.randn(5, 4) for _ in range(3))
+    assert torch.allclose(compiled(*inputs), model(*inputs))
