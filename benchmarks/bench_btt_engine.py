@@ -1,8 +1,8 @@
 """BTT's own CPU kernel against BTT's two stages run by the GEMM engine that dense layers use (issue 12).
 
 Issue 12 asks that BTT's two stages share dense layers' GEMM. This measures whether they should yet:
-the kernel ``structfx.compile`` builds for BTT (``structfx/lowering/ops/btt.py``: both stages, the
-permute between them folded into stage 1's stores) against the same computation as two batched-matmul
+the kernel ``structfx.compile`` builds for BTT (``structfx/lowering/ops/btt.py``: both stages per tile
+of rows, each on the dense layers' register-tile micro-kernel) against the same computation as two batched-matmul
 PrimFuncs given to the CPU schedule rules (``structfx.lowering.schedules.schedule_rules_for``: the first rule that
 takes a function schedules it, as at compile time): stage 1 ``(m1, B, m0) @ w1 (m1, m0, r n0)`` with the
 input's transpose before it and the permuted store for stage 2 after it, stage 2 ``(n0, B, r m1) @ w2
