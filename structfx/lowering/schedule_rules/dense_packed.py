@@ -25,14 +25,14 @@ M = 3 (it reads B once per row).
 
 The tiles run at the FMA ceiling of this 2-core AVX2 host (measured with the process at real-time
 priority, ``chrt -f 1``, so the host's other jobs did not interfere; M = 256, d = 1024): 87-93 GFLOP/s on
-one core with 4-row tiles, against 98 with everything in L1 (K = 128), and 150-185 GFLOP/s on both.
-6-row tiles against 4-row ones, two threads, in the same runs: 1.06x at M = 256 (d = 1024 and 4096),
-1.08x at M = 64, 1.02x at M = 16, but 0.92x at M = 32 and 0.8x at M = 7 and 8 (their padded rows);
-earlier runs at M = 256 gave 0.98-1.08x. Alternatives timed at M = 256 and not kept: 5-row tiles (no
-better than 6); k unrolled by 4 the same (LLVM unrolls it by 2 already, no spills); groups of 2, 4 or 8
-panels inside each row tile (N blocked for L2, A's tile reused from L1) 0.91-0.98x; row tiles outermost
-the same at d = 1024, 0.35x at d = 4096; K blocked by 256 or 1024 0.9x; blocks of 16 row tiles outermost
-0.84x.
+one core with 4-row tiles, against 98 with everything in L1 (K = 128), and 150-185 GFLOP/s on both. 6-row
+tiles against 4-row ones, two threads, in the same runs: 1.06x at M = 256 (d = 1024 and 4096), 1.08x at
+M = 64 (0.98x in a second run), 1.02x at M = 16, but 0.92x at M = 32 and 0.8x at M = 7 and 8 (their
+padded rows); earlier runs at M = 256 gave 0.98-1.08x. Alternatives timed at M = 256 and not kept: 5-row
+tiles (no better than 6); k unrolled by 4 the same (LLVM unrolls it by 2 already, no spills); groups of
+2, 4 or 8 panels inside each row tile (N blocked for L2, A's tile reused from L1) 0.91-0.98x; row tiles
+outermost the same at d = 1024, 0.35x at d = 4096; K blocked by 256 or 1024 0.9x; blocks of 16 row tiles
+outermost 0.84x.
 """
 
 from __future__ import annotations
