@@ -8,8 +8,8 @@ loop is made serial where the kernel is too small to share: ``structfx.lowering.
 a row is read while it is in cache; each reduction is split into ``lanes`` partial accumulators that
 run as one vector register over the row (``rfactor``), then summed across the lanes; elementwise
 blocks over the row are vectorised. A row length that is not a multiple of ``lanes`` (static or
-symbolic: attention's keys) gets its remainder as a scalar loop after the vector one (``loop_partition``)
-instead of a predicate inside it, which would keep the loop from being vectorised. Elementwise
+symbolic: attention's keys) gets its remainder as a scalar loop after the vector one instead of a
+predicate inside it, which would keep the loop from being vectorised (see ``RowReduction.apply``). Elementwise
 intermediates over the whole row are inlined into their consumers (recomputed: softmax's exp is
 computed for the sum and again for the output), so no scratch row is allocated; per-row scalars are
 computed once per row.
@@ -33,12 +33,14 @@ class RowReduction(OpScheduleRule):
     function has one output, its last block."""
 
     def apply(self, func, target: Target, tunable: bool) -> Schedule | None:
-        """The rule's schedule with every loop over whole vectors of the row vectorised, those TVM's
-        schedule checks refuse included: a row length that is not a multiple of the lanes leaves a
-        predicate (``k_outer * lanes + k_inner < length``) on the blocks, which TVM cannot prove affine
-        when the length is symbolic. Each lane of those loops is independent (a partial accumulator, an
-        output element); TIR's loop partitioning (lowering) peels the last vector, which alone needs
-        the predicate, off the loop."""
+        """The rule's schedule (``schedule``) finished without TVM's schedule checks: a row length that
+        is not a multiple of the lanes leaves a predicate (``k_outer * lanes + k_inner < length``) on the
+        blocks, which TVM cannot prove affine when the length is symbolic, so it refuses to vectorise
+        them; each lane of those loops is independent (a partial accumulator, an output element). The
+        last vector, which alone needs the predicate, is then peeled off the loop of vectors: by
+        ``loop_partition`` where the length is static, by TIR's loop partitioning (lowering) of the
+        predicate, hinted ``likely``, where it is symbolic (``loop_partition`` takes static loops only).
+        The result is a new Schedule without a trace (``tune`` keeps a rule's own schedule so)."""
         sch = super().apply(func, target, tunable)
         if sch is None:
             return None
