@@ -11,9 +11,9 @@ Two register-blocked micro-kernels, chosen by which of B's axes is contiguous (G
   from memory and reused by every row tile.
 - NN, B stored (.., K, N) (attention's probabilities times V): outer products vectorised over N: MR rows
   by NV lanes of accumulators, per k a broadcast of A and a vector load of B. Where B is computed in the
-  function (``batched_matmul``'s panel of K^T for Q K^T: K stored along head_dim, copied to (.., K, N)),
-  the column tiles run in parallel, each computing its K x NR panel of B once, in cache, and then every
-  row tile against it.
+  function of a batched product (``batched_matmul``'s panel of K^T for Q K^T: K stored along head_dim,
+  copied to (.., K, N)), the batch and column tiles run in parallel, each computing its K x NR panel of
+  B once, in cache, and then every row tile against it.
 
 Output tiles run in parallel; the epilogue the function was fused with (bias, activation, residual add,
 scale) is applied to each tile while it is in registers. The accumulators stay in global scope, compacted
@@ -105,7 +105,7 @@ class Matmul(OpScheduleRule):
         nest = {sch.get(main).name_hint, sch.get(out).name_hint}
         if not _inline_epilogue_inputs(sch, main, out, nest):
             return False
-        panel = None if form.nt else _panel(sch, main, form)
+        panel = _panel(sch, main, form) if form.batch and not form.nt else None
         if panel is not None:
             nest.add(sch.get(panel).name_hint)
         others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in nest]
@@ -204,7 +204,8 @@ def _inside(sch: Schedule, block, tile) -> list:
 
 
 def _panel(sch: Schedule, main, form: MatmulForm):
-    """The block that computes B (read along j) in this function for ``main`` alone, spatial, or None."""
+    """The block that computes B (read along j) in this function for ``main`` alone, spatial, or None.
+    Only batched products take it (their parallel loop is batch x column tiles: without a batch, few)."""
     block = sch.get(main)
     j = block.iter_vars[form.j].var
     for producer in sch.get_producers(main):
