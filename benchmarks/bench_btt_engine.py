@@ -1,8 +1,8 @@
 """BTT's own CPU kernel against BTT's two stages run by the GEMM engine that dense layers use (issue 12).
 
 Issue 12 asks that BTT's two stages share dense layers' GEMM. This measures whether they should yet:
-the kernel ``structfx.compile`` builds for BTT (``structfx/lowering/ops/btt.py``: both stages, the
-permute between them folded into stage 1's stores) against the same computation as two batched-matmul
+the kernel ``structfx.compile`` builds for BTT (``structfx/lowering/ops/btt.py``: both stages per tile
+of rows, each on the dense layers' register-tile micro-kernel) against the same computation as two batched-matmul
 PrimFuncs given to the CPU schedule rules (``structfx.lowering.schedules.schedule_rules_for``: the first rule that
 takes a function schedules it, as at compile time): stage 1 ``(m1, B, m0) @ w1 (m1, m0, r n0)`` with the
 input's transpose before it and the permuted store for stage 2 after it, stage 2 ``(n0, B, r m1) @ w2
@@ -20,7 +20,7 @@ import argparse
 import numpy as np
 
 from structfx.lowering.compat import te, tirx, tvm
-from structfx.lowering.ops.btt import BTTCPU, ROW_PAD, btt_te
+from structfx.lowering.ops.btt import BTTCPU, ROWS, btt_te
 from structfx.lowering.schedules import schedule_rules_for
 from structfx.lowering.target import host_target
 from structfx.nn.btt import btt_factors
@@ -71,7 +71,7 @@ def builds(d_in: int, d_out: int, rank: int, target):
     w1 = te.placeholder(_int64(m1, m0, rank * n0), name="w1")
     w2 = te.placeholder(_int64(n0, rank * m1, n1), name="w2")
     bias = te.placeholder(_int64(n0, n1), name="bias")
-    own = te.create_prim_func([x, w1, w2, bias, btt_te(x, w1, w2, bias, ROW_PAD)])
+    own = te.create_prim_func([x, w1, w2, bias, btt_te(x, w1, w2, bias, ROWS)])
     with target:
         own_lib = tvm.compile(BTTCPU().apply(own, target, False).mod, target=target)
     z_in = te.placeholder(_int64(n0, rows, rank * m1), name="z")

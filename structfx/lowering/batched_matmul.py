@@ -12,10 +12,15 @@ weight shared by the batch as well) becomes one ``call_tir`` of a
 TE kernel whose iteration space is the layout after the matmul's single-use chain of ``permute_dims``
 and batch-splitting ``reshape`` consumers, and whose reads index the tensors before its operands'
 chains of ``permute_dims``, ``reshape`` and multiplications by scalar constants, as far back as every
-index stays a plain loop variable (the scalar factors become one multiply of the result). So Q and K
-are read in the projection's (batch, seq, heads, head_dim) layout: Q K^T is a dot product along the
-contiguous head_dim (the matmul rule's NT kernel), P V reads V's rows contiguously (its NN kernel), and
-P V's result is written in (batch, seq, heads, head_dim) order, ready for the output projection.
+index stays a plain loop variable (the scalar factors become one multiply of the result). So Q, K and
+V are read in the projection's (batch, seq, heads, head_dim) layout and P V's result is written in
+(batch, seq, heads, head_dim) order, ready for the output projection. Both products run on the matmul
+rule's outer-product kernel, vectorised over the output's columns: P V reads V's rows as they are; Q K^T
+reads K through a "panel", a copy of K^T in (batch, heads, head_dim, keys) order that the rule computes
+one column tile (head_dim x NR keys) at a time inside its parallel loop, so it stays in cache and is
+made once per tile, not per row. (A dot product along head_dim instead needs a sum across the vector
+lanes per output: at head_dim 64 those sums cost as much as the products, and with a symbolic sequence
+length that kernel ran 3 to 10x slower than torch.)
 
 The row and column extents are rounded up to the matmul rule's register tile (``Matmul.tile``), the
 reads clamped to the last real row or column (never stored, as ``packing.dense_packed`` does): a
@@ -79,6 +84,7 @@ class _Plan:
     k_extent: object
     scale: float
     tile: tuple  # (MR, NR) the rows and columns are padded to
+    panel: bool  # B is read through a (.., K, N) copy, its columns contiguous (B is not stored so)
 
 
 def _plans(func, lanes: int, tile_of) -> dict:
@@ -154,40 +160,38 @@ def _plan_for(call, chain, end, values, lanes, tile_of):
     k = tirx.Var("k", "int64")
     if not (isinstance(k_extent, tirx.IntImm) and k_extent.value == 1):
         analyzer.bind(k, tvm.ir.Range(0, k_extent))
+    if columns != len(domain) - 1:
+        return None  # the kernel stores its output in rows along the matmul's columns
     a_coords = _broadcast(coords[:-2], out_shape, list(a.ty.shape)) + [i_var, k]
     b_coords = _broadcast(coords[:-2], out_shape, list(b.ty.shape)) + [k, j_var]
-    a_views = _views(a, a_coords, values, analyzer, domain + [k])
-    b_views = _views(b, b_coords, values, analyzer, domain + [k])
-    for a_view in a_views:
-        for b_view in b_views:
-            a_last, b_last = a_view[1][-1], b_view[1][-1]
-            nt = b_last.same_as(k)
-            if not (nt or b_last.same_as(j_var)) or (nt and not (a_last.same_as(k) and _multiple(k_extent, lanes))):
-                continue  # the NT kernel reads whole vectors along K: a K of another size keeps B's copy
-            m, n = shape[rows], shape[columns]
-            return _Plan(
-                a_view[0], b_view[0], list(a_view[0].ty.shape), list(b_view[0].ty.shape), shape,
-                _indexer(a_view[1], domain, k), _indexer(b_view[1], domain, k),
-                rows, columns, k_extent, a_view[2] * b_view[2], tile_of(nt, lanes, m, n),
-            )
-    return None
+    a_view = _deepest_view(a, a_coords, values, analyzer, domain + [k])
+    b_view = _deepest_view(b, b_coords, values, analyzer, domain + [k])
+    if a_view is None or b_view is None:
+        return None
+    m, n = shape[rows], shape[columns]
+    return _Plan(
+        a_view[0], b_view[0], list(a_view[0].ty.shape), list(b_view[0].ty.shape), shape,
+        _indexer(a_view[1], domain, k), _indexer(b_view[1], domain, k),
+        rows, columns, k_extent, a_view[2] * b_view[2], tile_of(False, lanes, m, n),
+        panel=not b_view[1][-1].same_as(j_var),
+    )
 
 
-def _views(operand, coords, values, analyzer, variables) -> list:
-    """(source, its plain indices, scale) for ``operand`` read at ``coords`` and every tensor before it
-    along its chain of layout ops whose indices stay plain, deepest first."""
-    found = []
+def _deepest_view(operand, coords, values, analyzer, variables):
+    """(source, its plain indices, scale) for the tensor furthest back along ``operand``'s chain of layout
+    ops (``operand`` itself included) that is read at plain indices where ``operand`` is read at
+    ``coords``; None where not even ``operand`` is."""
+    found = None
     scale = 1.0
     while True:
         if all(_is_plain(c, variables) for c in coords):
-            found.append((operand, coords, scale))
+            found = (operand, coords, scale)
         value = values.get(operand) if isinstance(operand, relax.Var) else None
         step = _step(value) if value is not None else None
         if step is None or str(step.source.ty.dtype) != "float32":
-            break
+            return found
         coords = [analyzer.simplify(c) for c in step.index(coords)]
         operand, scale = step.source, scale * step.scale
-    return found[::-1]
 
 
 def _indexer(indices, domain, k):
@@ -334,7 +338,9 @@ def _analyzer(domain, shape):
 def batched_matmul(*tensors: te.Tensor, plan: _Plan) -> te.Tensor:
     """The kernel of ``plan`` on its operands' sources (one tensor where both read the same): an
     accumulation over the domain with rows and columns rounded up to the tile (reads clamped to the last
-    real row and column), then the domain's values, scaled. float32."""
+    real row and column), then the domain's values, scaled. float32. Where B is not stored along the
+    columns (``plan.panel``: Q K^T reads K along head_dim), B is read through a copy in (batch.., K, N)
+    order, which the matmul rule computes one column tile at a time (a K x NR panel, in cache)."""
     a, b = tensors[0], tensors[-1]
     # the function's sizes are those of its inputs (call_te gives them vars of their own)
     own = tvm.sym.Analyzer()
@@ -347,26 +353,41 @@ def batched_matmul(*tensors: te.Tensor, plan: _Plan) -> te.Tensor:
     m, n = shape[plan.rows], shape[plan.columns]
     padded = list(shape)
     padded[plan.rows], padded[plan.columns] = _rounded(m, mr), _rounded(n, nr)
-    k = te.reduce_axis((0, own.simplify(plan.k_extent)), name="k")
+    k_extent = own.simplify(plan.k_extent)
+    k = te.reduce_axis((0, k_extent), name="k")
+
+    def clamp(domain):
+        clamped = list(domain)
+        for position, extent in ((plan.rows, m), (plan.columns, n)):
+            if not padded[position].same_as(extent):
+                clamped[position] = tirx.min(domain[position], extent - 1)
+        return clamped
+
+    batch = [p for p in range(len(shape)) if p not in (plan.rows, plan.columns)]
+
+    def b_transposed(*index):  # (batch.., k, column) -> B's element
+        domain = [tirx.const(0, "int64")] * len(shape)  # B does not depend on the row
+        for position, value in zip(batch, index[:-2]):
+            domain[position] = value
+        domain[plan.columns] = index[-1]
+        return b(*plan.b_index(clamp(domain), index[-2]))
+
+    panel = te.compute([padded[p] for p in batch] + [k_extent, padded[plan.columns]], b_transposed,
+                       name=f"{KERNEL}_panel") if plan.panel else None
+
+    def read_b(domain):
+        if panel is None:
+            return b(*plan.b_index(clamp(domain), k))
+        return panel(*[domain[p] for p in batch], k, domain[plan.columns])
 
     def accumulate(*domain):
-        domain = list(domain)
-        clamped = list(domain)
-        if not padded[plan.rows].same_as(m):
-            clamped[plan.rows] = tirx.min(domain[plan.rows], m - 1)
-        if not padded[plan.columns].same_as(n):
-            clamped[plan.columns] = tirx.min(domain[plan.columns], n - 1)
-        return te.sum(a(*plan.a_index(clamped, k)) * b(*plan.b_index(clamped, k)), axis=k)
+        return te.sum(a(*plan.a_index(clamp(domain), k)) * read_b(domain), axis=k)
 
     acc = te.compute(padded, accumulate, name=f"{KERNEL}_accumulate")
     scale = tirx.const(plan.scale, "float32")
     if plan.scale == 1.0:
         return te.compute(shape, lambda *d: acc(*d), name=KERNEL)
     return te.compute(shape, lambda *d: acc(*d) * scale, name=KERNEL)
-
-
-def _multiple(extent, factor: int) -> bool:
-    return isinstance(extent, tirx.IntImm) and extent.value % factor == 0
 
 
 def _rounded(extent, tile: int):

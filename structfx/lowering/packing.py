@@ -21,23 +21,22 @@ from structfx.lowering.ops.common import vector_lanes
 
 #: Vectors of B per packed panel: the micro-kernel's NR is this many vectors (16 floats on AVX2).
 PANEL_VECTORS = 2
-#: Rows of A per register tile: the micro-kernel's MR. 4 x 2 vectors: 8 accumulators, enough independent
-#: FMA chains for two FMA pipes of latency 4 (AVX2), and a third less waste than 6 rows where M is 1
-#: (measured 1.2-1.5x faster at batch 1, the same at batch 256, for d = 1024 and 4096).
-#: ``dense_packed`` computes a whole number of row tiles (the last one re-reads A's last row where M is
-#: not a multiple of it; those rows are never stored).
-ROWS = 4
+#: The accumulation's rows are M rounded up to a multiple of this: every register tile height of the
+#: schedule rule (4 and 6 rows, schedule_rules/dense_packed.py) divides it, so a tile never runs past the
+#: rows computed; only the tiles the output needs are computed (the last one re-reads A's last row where M
+#: is not a multiple of its height; those rows are never stored).
+ROW_MULTIPLE = 12
 #: Name of the kernel, and of its accumulation block (how the schedule rule recognises it).
 KERNEL, ACCUMULATE = "dense_packed", "dense_packed_accumulate"
 
 
 def dense_packed(a: te.Tensor, packed: te.Tensor, n: int) -> te.Tensor:
     """``a @ w.T`` from ``w`` packed: ``a`` (M, K) float32, M possibly symbolic; ``packed``
-    (ceil(N / P), K, P) for a panel width P; returns (M, N). The accumulation runs over M rounded up to ROWS rows
-    and the padded columns, reading row M - 1 of ``a`` for the padded rows: the schedule's tiles then
-    have no tail."""
+    (ceil(N / P), K, P) for a panel width P; returns (M, N). The accumulation spans M rounded up to
+    ROW_MULTIPLE rows and the padded columns, reading row M - 1 of ``a`` for the padded rows: the
+    schedule's tiles then have no tail."""
     m, k_extent = a.shape
-    rows = tvm.sym.Analyzer().simplify(tirx.floordiv(m + (ROWS - 1), ROWS) * ROWS)
+    rows = tvm.sym.Analyzer().simplify(tirx.floordiv(m + (ROW_MULTIPLE - 1), ROW_MULTIPLE) * ROW_MULTIPLE)
     panel = packed.shape[2]
     k = te.reduce_axis((0, k_extent), name="k")
     acc = te.compute(

@@ -45,8 +45,9 @@ def schedule_rules_for(target: Target) -> list[ScheduleRule]:
     from structfx.lowering.schedule_rules.conv_packed import ConvPacked
     from structfx.lowering.schedule_rules.dense_packed import DensePacked
     from structfx.lowering.schedule_rules.matmul import Matmul
+    from structfx.lowering.schedule_rules.reduction import RowReduction
 
-    return [*ours, DensePacked(), ConvPacked(), Matmul(), Conv(), dlight.cpu.Reduction(), GenericCPU()]
+    return [*ours, DensePacked(), ConvPacked(), Matmul(), Conv(), RowReduction(), dlight.cpu.Reduction(), GenericCPU()]
 
 
 def legalize(mod, target: Target):

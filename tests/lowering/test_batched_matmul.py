@@ -53,6 +53,18 @@ def test_attention_matches_torch_at_any_batch(mask, length):
         assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("dim", [7, 24, 40])
+def test_causal_attention_with_odd_head_dims_matches_torch(dim):
+    torch.manual_seed(0)
+    model = Attention(width=2 * dim, mask=True).eval()
+    compiled = sfx.compile(model, torch.randn(3, 13, 2 * dim))
+    for batch in (1, 3):
+        x = torch.randn(batch, 13, 2 * dim)
+        with torch.no_grad():
+            want = model(x)
+        assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
+
+
 def _kernels(model, example):
     """The legalized, fused module of ``model`` (before scheduling)."""
     target = AVX2
@@ -87,40 +99,46 @@ def test_x_times_its_transpose_stays_one_kernel():
     assert torch.allclose(compiled(y), y @ y.transpose(-1, -2), atol=1e-5)
 
 
-def _qk_func(b, s, heads=2, dim=16, tile=(4, 2)):
-    """Q K^T over (b, s, heads, dim) operands as the rewrite plans it: out (b, heads, s, s), scaled."""
+def _qk_func(b, s, heads=2, dim=16, tile=(4, 16)):
+    """Q K^T over (b, s, heads, dim) operands as the rewrite plans it: out (b, heads, s, s), scaled, K read
+    through its transposed panel."""
     q, k = te.placeholder((b, s, heads, dim), name="q"), te.placeholder((b, s, heads, dim), name="k")
     plan = _Plan(
         a=None, b=None, a_shape=[b, s, heads, dim], b_shape=[b, s, heads, dim], shape=[b, heads, s, s], rows=2,
         columns=3, k_extent=dim, scale=0.25, tile=tile,
-        a_index=lambda d, r: [d[0], d[2], d[1], r], b_index=lambda d, r: [d[0], d[3], d[1], r],
+        a_index=lambda d, r: [d[0], d[2], d[1], r], b_index=lambda d, r: [d[0], d[3], d[1], r], panel=True,
     )
     return te.create_prim_func([q, k, batched_matmul(q, k, plan=plan)])
 
 
-def test_qk_kernel_with_symbolic_batch_and_length_matches_numpy():
+@pytest.mark.parametrize("dim", [16, 7, 40])
+def test_qk_kernel_with_symbolic_batch_and_length_matches_numpy(dim):
     b, s = tirx.Var("b", "int64"), tirx.Var("s", "int64")
-    func = _qk_func(b, s, tile=Matmul.tile(True, 8, s, s))
+    func = _qk_func(b, s, dim=dim, tile=Matmul.tile(False, 8, s, s))
     lib = tvm.compile(Matmul().apply(func, AVX2, False).mod, target=AVX2)
-    for batch, length in ((1, 1), (2, 7), (3, 13)):
-        q, k = (np.random.randn(batch, length, 2, 16).astype("float32") for _ in range(2))
+    for batch, length in ((1, 1), (2, 7), (3, 13), (1, 33)):
+        q, k = (np.random.randn(batch, length, 2, dim).astype("float32") for _ in range(2))
         out = tvm.runtime.tensor(np.zeros((batch, 2, length, length), "float32"))
         lib["main"](tvm.runtime.tensor(q), tvm.runtime.tensor(k), out)
         want = np.einsum("bihd,bjhd->bhij", q, k) * 0.25
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_qk_structure_one_parallel_region_dot_products_over_head_dim():
+def test_qk_structure_one_parallel_region_outer_products_over_keys_from_a_panel_of_k():
     b, s = tirx.Var("b", "int64"), tirx.Var("s", "int64")
-    sch = Matmul().apply(_qk_func(b, s, tile=Matmul.tile(True, 8, s, s)), AVX2, False)
+    sch = Matmul().apply(_qk_func(b, s, tile=Matmul.tile(False, 8, s, s)), AVX2, False)
     script = sch.mod.script()
-    assert len(re.findall(r"T\.parallel\(", script)) == 1  # batch, heads, row and column tiles fused
-    assert re.search(r"T\.vectorized\((T\.int64\()?8\)", script)  # the head_dim lanes of each accumulator
-    assert "_pad" not in script  # no padded copy of an operand: the tail rows are clamped reads
+    assert len(re.findall(r"T\.parallel\(", script)) == 1  # batch, heads and column tiles fused
+    assert len(re.findall(r"T\.vectorized\((T\.int64\()?16\)", script)) == 3  # init, update, store: 16 keys
+    assert "_pad" not in script  # no padded copy of an operand: the tail rows and keys are clamped reads
     lowered = tvm.transform.Sequential([
         s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
         s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
     ])(sch.mod).script()
     lowered = re.sub(r"T\.int64\((\d+)\)", r"\1", lowered)
-    # the accumulators, compacted to one register tile inside the parallel loop: 4 rows x 2 columns x 8 lanes
-    assert "batched_matmul_accumulate_rf = T.sblock_alloc_buffer((1, 1, 4, 2, 8))" in lowered
+    # per parallel iteration, K^T's panel for 16 keys (head_dim 16 x 16), made once, then for each tile of
+    # 4 query rows the accumulators: 4 rows x 16 keys, compacted to the tile
+    parallel, panel, rows, tile = (lowered.index(text) for text in (
+        "T.parallel(", "batched_matmul_panel = T.sblock_alloc_buffer((1, 1, 16, 16))", "in range((s + 3) // 4)",
+        "batched_matmul_accumulate = T.sblock_alloc_buffer((1, 1, 4, 16))"))
+    assert parallel < panel < rows < tile

@@ -1,14 +1,14 @@
 """The compiled BTT kernel (structfx/lowering/ops/btt.py): numerics against eager BTTLinear at odd and
 prime sizes, ranks 1 and 4, batches 1, 7 and 33 of one symbolic-batch build, rows that are an
-expression; and the CPU loop nest it promises under a named target (rows padded to ROW_PAD, not to a
-whole task of ROW_TILE rows)."""
+expression; and the CPU loop nest it promises under a named target (rows padded to the register tile's
+ROWS only, one parallel task per row tile running both stages, register tiles of PANEL vectors)."""
 
 import pytest
 import torch
 
 import structfx as sfx
 from structfx.lowering.compat import Target, te, tirx, tvm
-from structfx.lowering.ops.btt import BTTCPU, OUT, ROW_PAD, ROW_TILE, STAGE1, btt_te
+from structfx.lowering.ops.btt import BTTCPU, OUT, PANEL, ROWS, STAGE1, STAGE2, btt_te
 from structfx.nn import BTTLinear
 
 AVX2 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512f"]})
@@ -49,7 +49,7 @@ def test_rows_that_are_an_expression():
 
 def _cpu_schedule(rows):
     """The kernel as the Relax converter emits it (int64 shapes): m0 = n0 = 16, m1 = n1 = 8, rank 4:
-    stage 1 has r n0 = 64 columns, two tiles of 4 AVX2 vectors."""
+    stage 1 has r n0 = 64 columns, four register tiles of PANEL AVX2 vectors."""
     def dims(*extents):
         return [e if isinstance(e, tirx.Var) else tirx.IntImm("int64", e) for e in extents]
 
@@ -61,17 +61,36 @@ def _cpu_schedule(rows):
     return sch
 
 
+def _loops(sch, name):
+    return [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(name))]
+
+
 def test_cpu_kernel_pads_rows_to_the_register_tile_only():
-    """At a symbolic batch the scratch rows are B rounded up to ROW_PAD (a batch of 1 computes ROW_PAD
-    rows), and stage 1 runs its (row task, column tile) pairs in parallel."""
+    """At a symbolic batch the scratch rows are B rounded up to ROWS (a batch of 1 computes ROWS rows), and
+    one parallel loop over the row tiles runs both stages and the output."""
     rows = tirx.Var("rows", "int64")
     sch = _cpu_schedule(rows)
     update = sch.get_sblock(STAGE1 + "_update")  # the accumulation, after decompose_reduction
     padded = sch.get(update).iter_vars[0].dom.extent
-    assert tvm.sym.Analyzer().can_prove_equal(padded, tirx.floordiv(rows + ROW_PAD - 1, ROW_PAD) * ROW_PAD)
-    assert ROW_PAD < ROW_TILE
-    loops = [sch.get(loop) for loop in sch.get_loops(update)]
-    assert loops[0].kind == tirx.ForKind.PARALLEL
-    assert "c" in loops[0].loop_var.name  # the column tiles are fused into the parallel loop
-    out_loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(OUT))]
-    assert out_loops[-1].kind == tirx.ForKind.VECTORIZED
+    assert tvm.sym.Analyzer().can_prove_equal(padded, tirx.floordiv(rows + ROWS - 1, ROWS) * ROWS)
+    tasks = [_loops(sch, name)[0] for name in (STAGE1 + "_update", STAGE2 + "_update", OUT)]
+    assert tasks[0].kind == tirx.ForKind.PARALLEL
+    assert all(loop.same_as(tasks[0]) for loop in tasks)
+    assert tvm.sym.Analyzer().can_prove_equal(tasks[0].extent, tirx.floordiv(rows + ROWS - 1, ROWS))
+
+
+def test_cpu_stages_are_register_tiles():
+    """Each stage's accumulation ends in ROWS unrolled rows by PANEL vectorised AVX2 vectors, its
+    contraction outside them; stage 1's tile is stored to its own (contiguous) rows by a vectorised loop."""
+    sch = _cpu_schedule(tirx.Var("rows", "int64"))
+    for name in (STAGE1 + "_update", STAGE2 + "_update"):
+        *_, reduction, row, column = _loops(sch, name)
+        assert reduction.kind == tirx.ForKind.SERIAL
+        assert (row.kind, int(row.extent)) == (tirx.ForKind.UNROLLED, ROWS)
+        if name.startswith(STAGE1):
+            assert (column.kind, int(column.extent)) == (tirx.ForKind.VECTORIZED, PANEL * 8)
+        else:  # stage 2 has n1 = 8 columns: one vector
+            assert (column.kind, int(column.extent)) == (tirx.ForKind.VECTORIZED, 8)
+    store = _loops(sch, STAGE1 + "_global")
+    assert store[-1].kind == tirx.ForKind.VECTORIZED
+    assert _loops(sch, OUT)[-1].kind == tirx.ForKind.VECTORIZED

@@ -12,8 +12,16 @@ from torch import nn
 import structfx as sfx
 from structfx.lowering.compat import Schedule, Target, te, tirx, tvm
 from structfx.lowering.ops.common import vector_lanes
-from structfx.lowering.packing import ACCUMULATE, ROWS, dense_packed
-from structfx.lowering.schedule_rules.dense_packed import GEMV_PANELS, DensePacked, _gemv
+from structfx.lowering.packing import ACCUMULATE, dense_packed
+from structfx.lowering.schedule_rules.dense_packed import (
+    GEMV_PANELS,
+    ROWS,
+    TALL_FROM,
+    TALL_ROWS,
+    DensePacked,
+    _gemv,
+    _tiles,
+)
 
 AVX2 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512f"]})
 AVX512 = Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
@@ -47,24 +55,30 @@ def run_against_torch(lib, m, n, k):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 130, 97), (7, 97, 130), (33, 16, 33), (6, 256, 64), (1, 96, 97), (1, 48, 131),
-                                   (1, 192, 13)])
+                                   (1, 192, 13), (67, 97, 130), (97, 256, 31)])
 def test_rule_matches_torch_at_odd_and_prime_sizes(m, n, k):
-    """Row tiles (M > 1, or columns not whole panels) and the GEMV nest (M = 1: groups of 1, 2 or 4 panels)."""
+    """Row tiles (M > 1, or columns not whole panels; TALL_ROWS rows from TALL_FROM rows on) and the GEMV
+    nest (M = 1: groups of 1, 2 or 4 panels)."""
+    assert TALL_FROM <= 67
     sch = DensePacked().apply(packed_dense(m, n, k, 16), AVX2, False)
     assert sch is not None
     run_against_torch(tvm.compile(sch.mod, target=AVX2), m, n, k)
 
 
-def test_symbolic_rows_choose_the_gemv_nest_for_one_row_at_run_time():
-    """One build for any M: an ``if`` on M, the GEMV nest (in a block of its own) for one row, row tiles
-    otherwise; both match torch."""
+def test_symbolic_rows_choose_the_nest_at_run_time():
+    """One build for any M: ``if``s on M, the GEMV nest (in a block of its own) for one row, tiles of
+    TALL_ROWS rows (in a block of their own) from TALL_FROM rows, tiles of ROWS rows otherwise; all match
+    torch, on either side of each bound."""
     m = tirx.Var("m", "int64")
     sch = DensePacked().apply(packed_dense(m, 96, 97, 16), AVX2, False)
     branch = sch.mod["main"].body.block.body
     assert isinstance(branch, tirx.IfThenElse) and str(branch.condition) == "m == T.int64(1)"
     assert branch.then_case.block.name_hint == "gemv"
+    tall = branch.else_case
+    assert isinstance(tall, tirx.IfThenElse) and str(tall.condition) == f"m >= T.int64({TALL_FROM})"
+    assert tall.then_case.block.name_hint == "tall_tiles"
     lib = tvm.compile(sch.mod, target=AVX2)
-    for rows in (1, 2, 3, 5, 8):
+    for rows in (1, 2, 3, 5, 8, TALL_FROM - 1, TALL_FROM, TALL_FROM + 5):
         run_against_torch(lib, rows, 96, 97)
 
 
@@ -112,6 +126,25 @@ def test_structure_register_tiles_of_panels_in_parallel(target, panel):
     assert f'alloc_buffer((T.int64({ROWS}), {panel}))' in compacted.script()  # global: a stack array
 
 
+@pytest.mark.parametrize("target,panel", [(AVX2, 16), (AVX512, 32)], ids=["avx2", "avx512"])
+def test_structure_tall_register_tiles(target, panel):
+    """The nest from TALL_FROM rows on: the same as ROWS rows' with TALL_ROWS x panel accumulators (12
+    vectors on AVX2), compacted to the tile."""
+    m = tirx.Var("m", "int64")
+    sch = _tiles(packed_dense(m, 512, 64, panel), target, TALL_ROWS)
+    main = sch.get_sblock(f"{ACCUMULATE}_update")
+    loops = [sch.get(loop) for loop in sch.get_loops(main)]
+    kind = tirx.ForKind
+    assert loops[0].kind == kind.PARALLEL and int(loops[0].extent) == 512 // panel
+    assert loops[-2].kind == kind.UNROLLED and int(loops[-2].extent) == TALL_ROWS
+    assert loops[-1].kind == kind.VECTORIZED and int(loops[-1].extent) == panel
+    assert int(loops[-3].extent) == 64
+    passes = tvm.s_tir.transform
+    lowered = passes.PlanAndUpdateBufferAllocationLocation()(passes.LowerInitBlock()(sch.mod))
+    compacted = passes.CompactBufferAllocation()(passes.ConvertBlocksToOpaque()(lowered))
+    assert f'alloc_buffer((T.int64({TALL_ROWS}), {panel}))' in compacted.script()
+
+
 def test_other_functions_are_left_to_other_rules():
     x, w = te.placeholder((8, 16), name="x"), te.placeholder((4, 16), name="w")
     r = te.reduce_axis((0, 16), "r")
@@ -127,14 +160,14 @@ def test_compiled_linear_at_any_batch_on_packed_weights(k, n):
     panel = 2 * vector_lanes(compiled.target)
     shapes = [tuple(p.shape) for p in compiled.params]
     assert (-(-n // panel), k, panel) in shapes and (n, k) not in shapes  # stored packed, not repacked per call
-    for batch in (1, 7, 33):
+    for batch in (1, 7, 33, 70):  # the GEMV nest, tiles of ROWS rows, of TALL_ROWS rows
         x = torch.randn(batch, k)
         with torch.no_grad():
             want = layer(x)
         assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 7])
 def test_compiled_linear_on_flattened_rows(batch):
     """A (batch, 10, K) input reaches the layer as batch * 10 rows, a compound symbolic extent: the layer
     runs on packed weights too (the rows bound to a plain var after lifting), its bias and GELU fused."""

@@ -39,6 +39,16 @@ def nn_batched(b, m, n, k):
     return te.create_prim_func([a, bm, out])
 
 
+def nt_batched_through_panel(b, m, n, k):
+    """Batched a @ bt.T with bt stored (batch, N, K), read through a (batch, K, N) copy made in the
+    function (batched_matmul's panel of K^T for Q K^T)."""
+    a, bt = te.placeholder((b, m, k), name="a"), te.placeholder((b, n, k), name="bt")
+    panel = te.compute((b, k, n), lambda h, r, j: bt[h, j, r], name="panel")
+    r = te.reduce_axis((0, k), "r")
+    out = te.compute((b, m, n), lambda h, i, j: te.sum(a[h, i, r] * panel[h, r, j], axis=r), name="matmul")
+    return te.create_prim_func([a, bt, out])
+
+
 def _run(func, arrays, out_shape, target=None):
     target = target or host_target()
     sch = Matmul().apply(func, target, False)
@@ -85,6 +95,12 @@ def test_batched_matmul_matches_torch(b, m, n, k):
     _close(_run(nn_batched(b, m, n, k), [a.numpy(), bm.numpy()], (b, m, n)), a @ bm)
 
 
+@pytest.mark.parametrize("b,m,n,k", [(1, 1, 16, 8), (3, 7, 32, 11), (2, 13, 48, 40)])
+def test_batched_matmul_through_a_panel_of_b_matches_torch(b, m, n, k):
+    a, bt = torch.randn(b, m, k), torch.randn(b, n, k)
+    _close(_run(nt_batched_through_panel(b, m, n, k), [a.numpy(), bt.numpy()], (b, m, n)), a @ bt.transpose(1, 2))
+
+
 def test_batched_matmul_with_symbolic_batch_and_rows():
     heads, rows = tirx.Var("heads", "int64"), tirx.Var("rows", "int64")
     func = nn_batched(heads, rows, 32, 16)
@@ -118,6 +134,14 @@ def test_batched_structure_outer_products_over_n(target, lanes):
     loops = _loops(Matmul().apply(nn_batched(12, 128, 64, 64), target, False))
     assert any(kind == "vectorized" and extent % lanes == 0 for kind, extent in loops)
     assert "parallel" in [kind for kind, _ in loops]
+
+
+def test_batched_structure_panel_of_b_made_once_per_column_tile():
+    # parallel over (batch, column tiles); each makes its K x 16 panel of B, then runs every row tile on it
+    script = Matmul().apply(nt_batched_through_panel(12, 128, 64, 32), AVX2, False).mod.script()
+    parallel, panel, rows = (script.index(text) for text in ("T.parallel(", 'T.sblock("panel")', "in range(32)"))
+    assert parallel < panel < rows and script.count("T.parallel(") == 1
+    assert re.search(r"T\.parallel\((T\.int64\()?48\)", script)  # 12 batches x 4 column tiles of 16
 
 
 def test_not_a_matmul_is_left_to_other_rules():

@@ -1,10 +1,10 @@
-"""BTT kernel: two batched matmuls, the permute between them folded into stage 1's stores.
+"""BTT kernel: two batched matmuls, run per tile of rows by the dense layers' GEMM micro-kernel.
 
-Stage 1, a batched matmul over the m1 input blocks, stores its result already permuted for stage 2,
-``z[b, c, i1] = sum_i0 x[b, i1, i0] w1[i1, i0, c]`` (c = j0 r + s), so that stage 2,
-``y[b, j0, j1] = sum_{s, i1} z[b, j0 r + s, i1] w2[j0, i1 r + s, j1] + bias``, reads it contiguously
-(read in stage 1's layout, each operand load of stage 2 touched a new page: 2.5x slower). The permuted
-stores stay inside each row's block; each stage keeps a (rows x vectors) accumulator tile in registers.
+Stage 1, a batched matmul over the m1 input blocks, ``z[b, i1, c] = sum_i0 x[b, i1, i0] w1[i1, i0, c]``
+(c = j0 r + s); stage 2, ``y[b, j0, j1] = sum_{i1, s} z[b, i1, j0 r + s] w2[j0, i1 r + s, j1] + bias``.
+Each row's z stays contiguous (stage 1 stores whole vectors); stage 2 broadcasts its elements one at a
+time, so their order costs nothing once the row tile's z is in L1. Both stages run inside one task per
+tile of rows, so z never leaves the cache.
 """
 
 from __future__ import annotations
@@ -21,20 +21,17 @@ from structfx.lowering.ops.common import (
     present,
     split_tile,
     tile_multiple,
-    value,
     vector_lanes,
 )
 
 STAGE1, STAGE2, OUT = "structfx_btt_stage1", "structfx_btt_stage2", "structfx_btt_out"
-ROW_TILE = 32  # rows per parallel task
-REGISTER_ROWS = 2  # rows of the register accumulator tile
-ROW_PAD = 4  # rows are computed in multiples of this: the largest register tile that tuning tries
-VECTORS = 4  # vectors of columns in the register accumulator tile
+ROWS = 4  # rows of a register tile, and of a parallel task; the batch is padded to a multiple of it
+PANEL = 2  # vectors of columns in a register tile: ROWS x PANEL accumulators, as dense_packed's
 
 
-def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None, tile: int = ROW_PAD) -> te.Tensor:
+def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None, tile: int = ROWS) -> te.Tensor:
     """x (B, m1, m0), w1 (m1, m0, r n0), w2 (n0, r m1, n1), bias (n0, n1) -> (B, n0, n1). Both stages
-    run on B rounded up to ``tile`` rows (input reads clamped), so register tiles of up to ``tile`` rows
+    run on B rounded up to ``tile`` rows (input reads clamped), so register tiles of ``tile`` rows
     split them exactly; the padded rows are never stored."""
     rows, m1, m0 = x.shape
     n0, rm1, n1 = w2.shape
@@ -42,14 +39,14 @@ def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None, t
     padded = tile_multiple(rows, tile)
     i0 = te.reduce_axis((0, m0), "i0")
     z = te.compute(
-        (padded, w1.shape[2], m1),
-        lambda b, c, i1: te.sum(x[last_row(b, rows), i1, i0] * w1[i1, i0, c], axis=i0),
+        (padded, m1, w1.shape[2]),
+        lambda b, i1, c: te.sum(x[last_row(b, rows), i1, i0] * w1[i1, i0, c], axis=i0),
         name=STAGE1,
     )
-    s, i1 = te.reduce_axis((0, rank), "s"), te.reduce_axis((0, m1), "i1")
+    i1, s = te.reduce_axis((0, m1), "i1"), te.reduce_axis((0, rank), "s")
     acc = te.compute(
         (padded, n0, n1),
-        lambda b, j0, j1: te.sum(z[b, j0 * rank + s, i1] * w2[j0, i1 * rank + s, j1], axis=[s, i1]),
+        lambda b, j0, j1: te.sum(z[b, i1, j0 * rank + s] * w2[j0, i1 * rank + s, j1], axis=[i1, s]),
         name=STAGE2,
     )
     if bias is None:
@@ -72,7 +69,7 @@ def convert_btt(node, importer, target: Target):
         if out_features < n0 * n1:
             bias = bb.emit(relax.op.nn.pad(bias, [0, n0 * n1 - out_features]))
         bias = bb.emit(relax.op.reshape(bias, [n0, n1]))
-    tile = ROW_PAD if target.kind.name == "llvm" else GPU_ROWS
+    tile = ROWS if target.kind.name == "llvm" else GPU_ROWS
     y = bb.emit_te(btt_te, x3, w1, w2, bias, tile, primfunc_name_hint="structfx_btt")
     y = bb.emit(relax.op.reshape(y, [batch, n0 * n1]))
     if out_features < n0 * n1:
@@ -81,11 +78,15 @@ def convert_btt(node, importer, target: Target):
 
 
 class BTTCPU(OpScheduleRule):
-    """Two parallel batched matmuls over tasks of up to ROW_TILE rows. Each keeps a (REGISTER_ROWS x
-    VECTORS vectors) accumulator tile in registers and sweeps its task's rows with one weight block in
-    L1, so each weight load serves all of them. The rows are padded to ROW_PAD only: the last task stops
-    at the batch's last register tile (a predicate on the tile loop), so a batch of 1 computes 4 rows,
-    not ROW_TILE. (Stage 1 computed inside stage 2's row tile was no faster here.)"""
+    """The dense GEMM micro-kernel (``schedule_rules/dense_packed.py``) on both stages, one parallel task per
+    tile of ROWS rows: the task computes its rows' stage-1 result (ROWS x m1 x r n0 floats, in cache), then
+    stage 2 and the bias from it. Each stage accumulates a (ROWS x PANEL vectors) register tile over its
+    contraction (broadcast one element of each row, one load of the weights' next PANEL vectors, ROWS x
+    PANEL FMAs a step) and stores it once. The weights need no packing: each block of w1 (m0, r n0) and w2
+    (r m1, n1) is already (K, N) with N contiguous, and small enough to stay in L1. The accumulators are a
+    "global" scratch buffer compacted to the tile (on the stack, kept in registers by LLVM; a "local" one
+    would be allocated whole from the workspace, every FMA stored to memory: dense_packed.py). Rows are
+    padded to ROWS only (a batch of one computes ROWS rows); the padded rows are never stored."""
 
     has_knobs = True
 
@@ -94,54 +95,54 @@ class BTTCPU(OpScheduleRule):
         if None in (stage1, stage2, out):
             return False
         lanes = vector_lanes(target)
-        width1 = int(sch.get(stage1).iter_vars[1].dom.extent)
-        n1 = int(sch.get(out).iter_vars[2].dom.extent)
-        rank, m1 = (int(sch.get(stage2).iter_vars[i].dom.extent) for i in (3, 4))
-
-        vectors = [lanes, 2 * lanes, 4 * lanes]
-        b, c, i1, i0 = sch.get_loops(stage1)
-        b_outer, b_mid, b_inner = sch.split(b, [None, *self._row_tile(sch, tunable)])
-        c_outer, c_inner = split_tile(sch, c, width1, knob(sch, VECTORS * lanes, vectors, tunable, extent=width1))
-        sch.reorder(b_outer, *present(c_outer), i1, b_mid, i0, b_inner, c_inner)
-        # tasks over (row tile, column tile), which own separate rows of z; not over i1, whose threads
-        # would share z's cache lines. The column tiles keep both threads busy at a batch of 1.
-        sch.parallel(sch.fuse(b_outer, c_outer) if c_outer is not None else b_outer)
-        _register_tile(sch, stage1, b_mid, b_inner, c_inner, i0)
+        m1, width1, m0 = (_extent(sch, stage1, n) for n in (1, 2, 3))
+        n1, rank = _extent(sch, stage2, 2), _extent(sch, stage2, 4)
 
         b, j0, j1 = sch.get_loops(out)
-        rows = self._row_tile(sch, tunable)
-        b_outer, b_mid, b_inner = sch.split(b, [None, *rows])
-        j1_outer, j1_inner = split_tile(sch, j1, n1, knob(sch, VECTORS * lanes, vectors, tunable, extent=n1))
-        sch.reorder(b_outer, j0, *present(j1_outer), b_mid, b_inner, j1_inner)
-        sch.parallel(sch.fuse(b_outer, j0))
-        sch.vectorize(j1_inner)
-        sch.compute_at(stage2, b_mid)
-        columns = n1 if j1_outer is None else int(sch.get(j1_inner).extent)
-        r_b, r_j1, r_s, r_i1 = named_loops(
-            sch, stage2, [("b", value(sch, rows[1])), ("j1", columns), ("s", rank), ("i1", m1)]
-        )
-        sch.reorder(*present(r_s, r_i1, r_b, r_j1))
-        if r_j1 is not None:
-            sch.vectorize(r_j1)
-        sch.unroll(r_b)
-        first_reduction = r_s if r_s is not None else r_i1
-        if first_reduction is not None:
-            sch.decompose_reduction(stage2, first_reduction)
+        b_tile, b_row = sch.split(b, [None, ROWS])
+        j1_tile, j1_lane = split_tile(sch, j1, n1, _panel(sch, lanes, n1, tunable))
+        sch.reorder(b_tile, j0, *present(j1_tile), b_row, j1_lane)
+        sch.parallel(b_tile)
+        sch.unroll(b_row)
+        sch.vectorize(j1_lane)
+        tile = j1_tile if j1_tile is not None else j0
+        sch.compute_at(stage2, tile)
+        columns = n1 if j1_tile is None else int(sch.get(j1_lane).extent)
+        r_b, r_j1, r_i1, r_s = named_loops(sch, stage2, [("b", ROWS), ("j1", columns), ("i1", m1), ("s", rank)])
+        _micro_kernel(sch, stage2, [r_i1, r_s], r_b, r_j1)
+
+        sch.compute_at(stage1, b_tile)
+        s_b, s_i1, s_c, s_i0 = named_loops(sch, stage1, [("b", ROWS), ("i1", m1), ("c", width1), ("i0", m0)])
+        c_tile, c_lane = split_tile(sch, s_c, width1, _panel(sch, lanes, width1, tunable))
+        sch.reorder(*present(s_i1, c_tile, s_i0, s_b, c_lane))
+        store = sch.cache_write(stage1, 0, "global")
+        sch.reverse_compute_at(store, c_tile if c_tile is not None else s_i1 if s_i1 is not None else b_tile)
+        _micro_kernel(sch, stage1, [s_i0], s_b, c_lane)
+        store_loops = sch.get_loops(store)
+        sch.vectorize(store_loops[-1])
         return True
 
-    @staticmethod
-    def _row_tile(sch: Schedule, tunable: bool) -> list:
-        """(register tiles per task, rows per register tile)."""
-        rows = knob(sch, REGISTER_ROWS, [2, 4], tunable)
-        return [knob(sch, ROW_TILE // REGISTER_ROWS, [4, 8, 16], tunable), rows]
 
-def _register_tile(sch: Schedule, block, rows_loop, row_loop, column_loop, reduction_loop) -> None:
-    """Accumulate a (rows x vector columns) tile in registers under ``rows_loop``, then store it."""
-    write_back = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(write_back, rows_loop)
-    sch.vectorize(column_loop)
-    sch.unroll(row_loop)
-    sch.decompose_reduction(block, reduction_loop)
+def _extent(sch: Schedule, block, n: int) -> int:
+    return int(sch.get(block).iter_vars[n].dom.extent)
+
+
+def _panel(sch: Schedule, lanes: int, extent: int, tunable: bool):
+    """Columns of the register tile: PANEL vectors (a knob of one or two vectors when tuning)."""
+    return knob(sch, PANEL * lanes, [lanes, 2 * lanes], tunable, extent=extent)
+
+
+def _micro_kernel(sch: Schedule, block, reductions: list, rows, columns) -> None:
+    """The register tile: the contraction outermost, then the rows (unrolled), then the columns
+    (vectorised); its accumulators zeroed before the contraction."""
+    sch.reorder(*present(*reductions, rows, columns))
+    if rows is not None:
+        sch.unroll(rows)
+    if columns is not None:
+        sch.vectorize(columns)
+    first = next((loop for loop in reductions if loop is not None), None)
+    if first is not None:
+        sch.decompose_reduction(block, first)
 
 
 class BTTCUDA(OpScheduleRule):
@@ -157,7 +158,7 @@ class BTTCUDA(OpScheduleRule):
         stage1, stage2, out = (find_block(sch, name) for name in (STAGE1, STAGE2, OUT))
         if None in (stage1, stage2, out):
             return False
-        b, c, i1, i0 = sch.get_loops(stage1)
+        b, i1, c, i0 = sch.get_loops(stage1)
         _, threads = _thread_tile(sch, b, i1, c)
         sch.reorder(threads, i0)
         sch.reverse_compute_at(sch.cache_write(stage1, 0, "local"), threads)

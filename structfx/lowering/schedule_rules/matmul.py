@@ -10,7 +10,10 @@ Two register-blocked micro-kernels, chosen by which of B's axes is contiguous (G
   at all. Tiles of B rows sized for the L2 cache run outermost, so each block of weight rows is read once
   from memory and reused by every row tile.
 - NN, B stored (.., K, N) (attention's probabilities times V): outer products vectorised over N: MR rows
-  by NV lanes of accumulators, per k a broadcast of A and a vector load of B.
+  by NV lanes of accumulators, per k a broadcast of A and a vector load of B. Where B is computed in the
+  function of a batched product (``batched_matmul``'s panel of K^T for Q K^T: K stored along head_dim,
+  copied to (.., K, N)), the batch and column tiles run in parallel, each computing its K x NR panel of
+  B once, in cache, and then every row tile against it.
 
 Output tiles run in parallel; the epilogue the function was fused with (bias, activation, residual add,
 scale) is applied to each tile while it is in registers. The accumulators stay in global scope, compacted
@@ -31,6 +34,7 @@ from structfx.lowering.schedule_rules.analysis import (
     MatmulForm,
     inline_epilogue,
     matmul_form,
+    reduces,
     root_blocks,
     single_main_block,
 )
@@ -52,8 +56,10 @@ def nt_tile(lanes: int) -> tuple[int, int]:
 
 
 def nn_tile(lanes: int) -> tuple[int, int]:
-    """(MR, vectors) of the outer-product kernel: MR * vectors accumulators, vectors + 1 for loads."""
-    return (8, 3) if registers(lanes) >= 32 else (6, 2)
+    """(MR, vectors) of the outer-product kernel: MR * vectors accumulators, vectors + 1 for loads. On
+    AVX2, 4 rows x 2 vectors (8 accumulators, as many as two FMA pipes of latency 4 keep busy): as fast
+    as 6 x 2 on attention's products and no padded rows at sequence lengths that are powers of two."""
+    return (8, 3) if registers(lanes) >= 32 else (4, 2)
 
 
 class Matmul(OpScheduleRule):
@@ -63,14 +69,15 @@ class Matmul(OpScheduleRule):
     @staticmethod
     def tile(nt: bool, lanes: int, m, n) -> tuple[int, int]:
         """(MR, NR) of the register tile for M rows and N columns (static ints or symbolic): NR columns
-        of B for the dot-product kernel (``nt``), NR floats of a row for the outer-product kernel. A
-        static extent smaller than the tile shrinks it; a static N takes the largest NT tile dividing
-        it. Extents the tile does not divide are padded (``_pad``, or by ``batched_matmul`` itself)."""
+        of B for the dot-product kernel (``nt``), NR floats of a row for the outer-product kernel (all its
+        vectors where N is symbolic or a multiple of them, else one). A static extent smaller than the
+        tile shrinks it; a static N takes the largest NT tile dividing it. Extents the tile does not
+        divide are padded (``_pad``, or by ``batched_matmul`` itself)."""
         if nt:
             mr, nr = nt_tile(lanes)
         else:
             mr, vectors = nn_tile(lanes)
-            nr = lanes * vectors if _divides(lanes * vectors, n) else lanes
+            nr = lanes * vectors if _static(n) is None or _divides(lanes * vectors, n) else lanes
         rows, columns = _static(m), _static(n)
         if rows is not None and rows < mr:
             mr = rows
@@ -98,11 +105,14 @@ class Matmul(OpScheduleRule):
         nest = {sch.get(main).name_hint, sch.get(out).name_hint}
         if not _inline_epilogue_inputs(sch, main, out, nest):
             return False
+        panel = _panel(sch, main, form) if form.batch and not form.nt else None
+        if panel is not None:
+            nest.add(sch.get(panel).name_hint)
         others = [b for b in root_blocks(sch) if sch.get(b).name_hint not in nest]
         if form.nt:
             _nt_kernel(sch, main, out, form, mr, nr, lanes, extents)
         else:
-            _nn_kernel(sch, main, out, form, mr, nr)
+            _nn_kernel(sch, main, out, form, mr, nr, panel)
         for block in others:
             parallel_vectorized(sch, block, lanes)
         return True
@@ -193,19 +203,41 @@ def _inside(sch: Schedule, block, tile) -> list:
     return loops[position + 1:]
 
 
-def _nn_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int) -> None:
+def _panel(sch: Schedule, main, form: MatmulForm):
+    """The block that computes B (read along j) in this function for ``main`` alone, spatial, or None.
+    Only batched products take it (their parallel loop is batch x column tiles: without a batch, few)."""
+    block = sch.get(main)
+    j = block.iter_vars[form.j].var
+    for producer in sch.get_producers(main):
+        written = sch.get(producer).writes
+        if len(written) != 1 or reduces(sch.get(producer)) or len(sch.get_consumers(producer)) != 1:
+            continue
+        for read in block.reads:
+            if read.source.same_as(written[0].source) and read.region[-1].min.same_as(j):
+                return producer
+    return None
+
+
+def _nn_kernel(sch: Schedule, main, out, form: MatmulForm, mr: int, nr: int, panel=None) -> None:
+    """Outer products over N. With a ``panel`` block computing B, the column tiles run in parallel, each
+    computing its K x NR panel of B once, then every row tile against it."""
     loops = _loops_by_iter(sch, main, len(form.batch) + 3)
     batch = [loops[p] for p in form.batch]
     i_outer, i_inner = sch.split(loops[form.i], [None, mr])
     j_outer, j_inner = sch.split(loops[form.j], [None, nr])
-    sch.reorder(*batch, i_outer, j_outer, loops[form.k], i_inner, j_inner)
-    tile = parallel_region(sch, [*batch, i_outer, j_outer])
+    if panel is None:
+        sch.reorder(*batch, i_outer, j_outer, loops[form.k], i_inner, j_inner)
+        tile = parallel_region(sch, [*batch, i_outer, j_outer])
+    else:
+        sch.reorder(*batch, j_outer, i_outer, loops[form.k], i_inner, j_inner)
+        sch.compute_at(panel, parallel_region(sch, [*batch, j_outer]))
+        tile = i_outer
     sch.unroll(i_inner)
     sch.vectorize(j_inner)
     sch.reverse_compute_at(out, tile)
     sch.decompose_reduction(main, loops[form.k])
-    out_loops = sch.get_loops(out)
-    if _static(sch.get(out_loops[-1]).extent) == nr:
+    out_loops = _inside(sch, out, tile)
+    if nr > 1 and out_loops and _static(sch.get(out_loops[-1]).extent) == nr:
         sch.vectorize(out_loops[-1])
 
 
