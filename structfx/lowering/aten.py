@@ -10,6 +10,8 @@
   datatype T.float64 on the LHS ... T.float32 on the RHS``). They are emitted in the dtype torch computes
   them in (the node's own result dtype). TVM's convolutions and ``baddbmm`` also compute in float32 only:
   in another dtype they are refused with a StructfxError naming the op and the fix.
+- ``aten.embedding``: TVM's take reads outside the table for an id outside it; ours clamps
+  (``convert_embedding``).
 - Max and min over dims (``aten.amax``, ``amin``: TVM has no converter; ``max.dim``, ``min.dim``: TVM
   takes a top-1 sort, which lost NaN): a ``max``/``min`` reduction for the values (NaN-propagating, as
   torch's, through ``structfx.lowering.nan_propagation``) and ``argmax``/``argmin`` for the indices.
@@ -124,6 +126,20 @@ def extremum(reduce, arg_reduce):
     return convert
 
 
+def convert_embedding(node: torch.fx.Node, importer) -> relax.Var:
+    """``embedding(weight, ids)`` as TVM's converter emits it (ids as int32, flattened, one ``take``,
+    reshaped), but with the take's reads clamped (``mode="clip"``): TVM's default ``fast`` take reads
+    outside the table for an id outside it (garbage, or a segfault for a large one). Ids the model gets
+    as inputs are checked against the table at call time (``TensorSpec.values``); ids it computes
+    (RoBERTa's positions past its maximum) read the last row instead of past it."""
+    weight, ids = importer.env[node.args[0]], importer.env[node.args[1]]
+    emit = importer.block_builder.emit
+    shape = list(ids.ty.shape.values)
+    flat = emit(relax.op.reshape(emit(relax.op.astype(ids, "int32")), shape=[-1]))
+    rows = emit(relax.op.take(weight, flat, axis=0, mode="clip"))
+    return emit(relax.op.reshape(rows, [*shape, weight.ty.shape.values[-1]]))
+
+
 def float32_only(name: str):
     """TVM's converter of ``name`` where the node computes in float32, a StructfxError otherwise."""
 
@@ -150,6 +166,7 @@ CONVERTERS = {
     "matmul.default": convert_matmul,
     "addmm.default": convert_addmm,
     "linear.default": convert_linear,
+    "embedding.default": convert_embedding,
     "amax.default": extremum(relax.op.max, None),
     "amin.default": extremum(relax.op.min, None),
     "max.dim": extremum(relax.op.max, relax.op.argmax),

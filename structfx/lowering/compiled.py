@@ -10,7 +10,7 @@ from torch import Tensor
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Target, relax, tvm
-from structfx.runtime.signature import TensorSpec, check_inputs, type_name
+from structfx.runtime.signature import TensorSpec, check_inputs, check_values, type_name
 
 
 class CompiledModel:
@@ -29,6 +29,7 @@ class CompiledModel:
         self._shared_device = "cuda" if target.kind.name == "cuda" else "cpu"  # torch tensors there go by DLPack
         self._allowed_devices = {"cpu", "cuda"} if target.kind.name == "cuda" else {"cpu"}
         self._checked = None  # the (shape, dtype, device) of each input of the last call that passed check_inputs
+        self._indexes = any(spec.values is not None for spec in inputs)  # token ids: checked on every call
         self._lock = threading.Lock()  # a Relax VM runs one call at a time: calls from several threads queue
 
     def _machine(self):
@@ -54,6 +55,8 @@ class CompiledModel:
                 f"order, or compile a wrapper module whose forward sets the other arguments"
             )
         self.check_inputs(args)
+        if self._indexes:
+            check_values(self.inputs, args)
         with self._lock:
             _, params = self._machine()  # first: it says when the build's device is absent
             result = self._main(*[self._to_device(a) for a in args], *params)

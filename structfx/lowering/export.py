@@ -11,6 +11,7 @@ in a warning before anything is built.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
@@ -161,6 +162,7 @@ def requested_dims(model: nn.Module, args: tuple) -> list[DynamicDim]:
     wrapper module around a transformers model)."""
     config = next((m.config for m in model.modules() if getattr(m, "config", None) is not None), None)
     longest = next((getattr(config, f) for f in MAX_LENGTH_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    longest = _offset_positions(model, longest)
     batch = max((arg.shape[0] for arg in args if arg.dim() > 0), default=0)
     dims = []
     for i, arg in enumerate(args):
@@ -169,6 +171,17 @@ def requested_dims(model: nn.Module, args: tuple) -> list[DynamicDim]:
         if arg.dim() == 2 and config is not None and not arg.is_floating_point():
             dims.append(DynamicDim(i, 1, "sequence", longest))
     return dims
+
+
+def _offset_positions(model: nn.Module, longest: int | None) -> int | None:
+    """``longest`` lowered for a position table that reserves its rows up to ``padding_idx``: RoBERTa-like
+    models (XLM-R, Data2VecText, CamemBERT) number positions from ``padding_idx + 1``, so a table of
+    ``max_position_embeddings`` rows serves ``max_position_embeddings - padding_idx - 1`` tokens."""
+    for module in model.modules():
+        table = getattr(module, "position_embeddings", None)
+        if isinstance(table, nn.Embedding) and table.padding_idx is not None and longest is not None:
+            longest = min(longest, table.num_embeddings - table.padding_idx - 1)
+    return longest
 
 
 def _exportable_example(args: tuple, requested: list[DynamicDim]) -> tuple:
@@ -296,7 +309,16 @@ def input_specs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
     kinds = torch.export.graph_signature.InputKind
     user = {s.arg.name for s in program.graph_signature.input_specs if s.kind == kinds.USER_INPUT}
     nodes = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user]
-    return [_spec(n.name, n.meta["val"], _dim_names(program)) for n in nodes]
+    specs = [_spec(n.name, n.meta["val"], _dim_names(program)) for n in nodes]
+    return [dataclasses.replace(spec, values=_table_rows(n)) for spec, n in zip(specs, nodes)]
+
+
+def _table_rows(node: torch.fx.Node) -> tuple[int, int] | None:
+    """(0, rows) where ``node`` (an integer input) indexes embedding tables directly, rows the smallest
+    table's; None where it indexes none."""
+    rows = [int(user.args[0].meta["val"].shape[0]) for user in node.users
+            if user.target is torch.ops.aten.embedding.default and user.args[1] is node]
+    return (0, min(rows)) if rows else None
 
 
 def output_specs(program: torch.export.ExportedProgram) -> list[TensorSpec]:

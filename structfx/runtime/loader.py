@@ -11,7 +11,7 @@ import numpy as np
 from structfx.errors import StructfxError, require_path
 from structfx.runtime.artifact import KERNELS, WEIGHTS, read_verified_manifest
 from structfx.runtime.host import X86_FEATURES, cpu_flags, use_every_core
-from structfx.runtime.signature import TensorSpec, check_inputs, type_name
+from structfx.runtime.signature import TensorSpec, check_inputs, check_values, type_name
 
 
 class Runtime:
@@ -33,6 +33,7 @@ class Runtime:
         check_inputs(self.inputs, [
             type_name(arg) if a is None else (tuple(a.shape), str(a.dtype)) for arg, a in zip(args, arrays)
         ], "a numpy array or a CPU torch tensor")
+        check_values(self.inputs, arrays)
         values = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
         with self._lock:
             result = self._vm["main"](*values, *self._params)

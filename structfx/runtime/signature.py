@@ -19,24 +19,29 @@ Dim = int | str  # a static size, or the name of a symbolic one ("batch", "seque
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output: name, shape (ints, names of symbolic dims, or text of an expression of
-    them for outputs), dtype name, and each symbolic dim's (lower, upper or None) bounds."""
+    them for outputs), dtype name, each symbolic dim's (lower, upper or None) bounds, and for an integer
+    input that indexes a table (an embedding's token ids) the (low, high) its values lie in, high
+    excluded."""
 
     name: str
     shape: tuple[Dim, ...]
     dtype: str
     bounds: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    values: tuple[int, int] | None = None
 
     def describe(self) -> str:
         return f"{self.name}: ({', '.join(map(str, self.shape))}) {self.dtype}"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+        data = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
                 "bounds": {k: list(v) for k, v in self.bounds.items()}}
+        return data if self.values is None else {**data, "values": list(self.values)}
 
     @classmethod
     def from_dict(cls, data: dict) -> TensorSpec:
         bounds = {k: (v[0], v[1]) for k, v in data.get("bounds", {}).items()}
-        return cls(data["name"], tuple(data["shape"]), data["dtype"], bounds)
+        values = tuple(data["values"]) if data.get("values") is not None else None
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], bounds, values)
 
 
 def check_inputs(specs: list[TensorSpec], values: list[tuple[tuple[int, ...], str] | str], takes: str) -> None:
@@ -69,6 +74,23 @@ def check_inputs(specs: list[TensorSpec], values: list[tuple[tuple[int, ...], st
                     f"{_got(spec, shape, dtype)}: {want} is {sizes[want][0]} in {sizes[want][1]}; they must match"
                 )
             sizes[want] = (size, spec.name)
+
+
+def check_values(specs: list[TensorSpec], arrays: list) -> None:
+    """Raises StructfxError for an index input (``spec.values`` set) holding a value outside its table,
+    as torch's ``IndexError: index out of range in self``: the compiled gather would read another row.
+    ``arrays``: the inputs as numpy arrays or torch tensors (anything with ``min()`` and ``max()``)."""
+    for spec, array in zip(specs, arrays):
+        if spec.values is None or array is None or (array.numel() if hasattr(array, "numel") else array.size) == 0:
+            continue
+        low, high = spec.values
+        smallest, largest = int(array.min()), int(array.max())
+        if smallest < low or largest >= high:
+            bad = smallest if smallest < low else largest
+            raise StructfxError(
+                f"{spec.name} holds {bad}, outside the table it indexes (values from {low} to {high - 1}, as "
+                f"the model's embedding has {high} rows); pass ids the model's vocabulary has"
+            )
 
 
 def _got(spec: TensorSpec, shape: tuple[int, ...], dtype: str) -> str:

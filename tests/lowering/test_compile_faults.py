@@ -317,3 +317,53 @@ def test_causal_lm_with_attention_mask(name):
         with torch.no_grad():
             want = model(ids, mask)
         assert _relative(compiled(ids, mask), want) < 1e-5, f"batch {batch}, length {length}"
+
+
+class Lookup(nn.Module):
+    """An embedding of its ids input, and one of ids it computes (past the table for ids >= 6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(10, 3)
+
+    def forward(self, ids):
+        return self.table(ids), self.table(ids + 4)
+
+
+def test_ids_outside_the_table_are_refused_at_call_time_and_in_the_artifact(tmp_path):
+    model = Lookup().eval()
+    compiled = sfx.compile(model, torch.tensor([[1, 2]]))
+    assert compiled.inputs[0].values == (0, 10)
+    inside = torch.tensor([[0, 5], [5, 3]])
+    assert torch.equal(compiled(inside)[0], model(inside)[0])
+    for bad in (10, -1, 10**8):
+        with pytest.raises(IndexError):
+            model(torch.tensor([[1, bad]]))
+        with pytest.raises(StructfxError, match=f"ids holds {bad}, outside the table it indexes"):
+            compiled(torch.tensor([[1, bad]]))
+    loaded = sfx.runtime.load(compiled.save(tmp_path / "lookup"))
+    with pytest.raises(StructfxError, match="ids holds 10, outside"):
+        loaded(torch.tensor([[1, 10]]).numpy())
+
+
+def test_computed_ids_past_the_table_read_its_last_row_not_past_it():
+    """TVM's take reads outside the table for such an id (garbage, or a segfault when far out)."""
+    model = Lookup().eval()
+    compiled = sfx.compile(model, torch.tensor([[1, 2]]))
+    _, computed = compiled(torch.tensor([[1, 9]]))  # rows 5 and 13 of a 10-row table
+    assert torch.equal(computed[0, 0], model.table.weight[5].detach())
+    assert torch.equal(computed[0, 1], model.table.weight[9].detach())
+
+
+def test_roberta_sequences_stop_where_its_offset_positions_end():
+    """RoBERTa numbers positions from padding_idx + 1: a table of 40 rows serves 38 tokens."""
+    from transformers import RobertaConfig, RobertaModel
+
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=50, max_position_embeddings=40)
+    model = RobertaModel(config).eval()
+    compiled = sfx.compile(model, (torch.randint(3, 50, (2, 8)),))
+    ids = torch.randint(3, 50, (1, 38))
+    assert torch.allclose(compiled(ids)[0], model(ids).last_hidden_state, atol=1e-5)
+    with pytest.raises(StructfxError, match="sequence must be from 1 to 38"):
+        compiled(torch.randint(3, 50, (1, 39)))
