@@ -10,6 +10,8 @@
   datatype T.float64 on the LHS ... T.float32 on the RHS``). They are emitted in the dtype torch computes
   them in (the node's own result dtype). TVM's convolutions and ``baddbmm`` also compute in float32 only:
   in another dtype they are refused with a StructfxError naming the op and the fix.
+- ``div(x, 2, rounding_mode=...)``: TVM's converter divides by an int32 constant, refused for a float
+  ``x``; ours makes the scalar the result's dtype (``convert_div_mode``).
 - ``aten.embedding``: TVM's take reads outside the table for an id outside it; ours clamps
   (``convert_embedding``).
 - Max and min over dims (``aten.amax``, ``amin``: TVM has no converter; ``max.dim``, ``min.dim``: TVM
@@ -140,6 +142,25 @@ def convert_embedding(node: torch.fx.Node, importer) -> relax.Var:
     return emit(relax.op.reshape(rows, [*shape, weight.ty.shape.values[-1]]))
 
 
+def convert_div_mode(node: torch.fx.Node, importer) -> relax.Var:
+    """``div(x, scalar, rounding_mode=...)`` with the scalar in the result's dtype: TVM's converter makes
+    ``2`` an int32 constant, which a float tensor cannot be divided by (``float32 on the LHS ... int32 on
+    the RHS``). A tensor divisor keeps TVM's converter."""
+    x, divisor = node.args[0], node.args[1]
+    if not isinstance(divisor, int | float) or isinstance(divisor, bool):
+        return importer._div(node)
+    dtype, emit = _result_dtype(node), importer.block_builder.emit
+    x = importer.env[x]
+    if str(x.ty.dtype) != dtype:
+        x = emit(relax.op.astype(x, dtype))
+    divisor = relax.const(divisor, dtype)
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+    if mode == "floor":
+        return emit(relax.op.floor_divide(x, divisor))
+    quotient = emit(relax.op.divide(x, divisor))
+    return emit(relax.op.trunc(quotient)) if mode == "trunc" else quotient
+
+
 def float32_only(name: str):
     """TVM's converter of ``name`` where the node computes in float32, a StructfxError otherwise."""
 
@@ -167,6 +188,8 @@ CONVERTERS = {
     "addmm.default": convert_addmm,
     "linear.default": convert_linear,
     "embedding.default": convert_embedding,
+    "div.Tensor_mode": convert_div_mode,
+    "div.Scalar_mode": convert_div_mode,
     "amax.default": extremum(relax.op.max, None),
     "amin.default": extremum(relax.op.min, None),
     "max.dim": extremum(relax.op.max, relax.op.argmax),

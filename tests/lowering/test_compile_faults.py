@@ -367,3 +367,29 @@ def test_roberta_sequences_stop_where_its_offset_positions_end():
     assert torch.allclose(compiled(ids)[0], model(ids).last_hidden_state, atol=1e-5)
     with pytest.raises(StructfxError, match="sequence must be from 1 to 38"):
         compiled(torch.randint(3, 50, (1, 39)))
+
+
+DIVISIONS = {
+    "floor_by_int": lambda x: torch.div(x, 2, rounding_mode="floor"),
+    "trunc_by_int": lambda x: torch.div(x, 3, rounding_mode="trunc"),
+    "floor_by_float": lambda x: torch.div(x, 1.5, rounding_mode="floor"),
+    "int_floor": lambda x: torch.div(x.long(), 3, rounding_mode="floor"),
+    "int_trunc_negative": lambda x: torch.div(x.long(), -3, rounding_mode="trunc"),
+    "floordiv_operator": lambda x: x // 2,
+}
+
+
+class Division(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        return DIVISIONS[self.name](x)
+
+
+@pytest.mark.parametrize("name", sorted(DIVISIONS))
+def test_division_by_a_python_scalar_with_a_rounding_mode(name):
+    model, x = Division(name), torch.randn(4, 7, generator=torch.Generator().manual_seed(3)) * 10
+    got, want = sfx.compile(model, x)(x), model(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
