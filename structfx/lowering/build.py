@@ -75,7 +75,10 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
         with tvm.transform.PassContext(config=BUILD_CONFIG):
             executable = tvm.compile(mod, target=tvm_target)
     except FAILURES as e:
-        raise StructfxError(f"[build] tvm.compile failed: {_gist(e)}; report it with the model") from e
+        raise StructfxError(
+            f"[build] tvm.compile failed on kernel {_failing_build(mod, tvm_target)}: {_gist(e)}; report it with "
+            f"the model, and meanwhile compile the modules around the part that kernel comes from"
+        ) from e
     return CompiledModel(
         executable, params, input_specs(program), output_specs(program), program.call_spec.out_spec, tvm_target,
         kernels,
@@ -201,6 +204,19 @@ def _failing_relax_op(mod, target) -> str:
     call = current[-1]
     args = ", ".join(str(a.ty) for a in call.args if isinstance(a, relax.Expr))
     return f"Relax op {call.op.name}({args})"
+
+
+def _failing_build(mod, target) -> str:
+    """Build each scheduled PrimFunc alone to name the one TVM cannot build (only run on failure)."""
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        try:
+            with tvm.transform.PassContext(config=BUILD_CONFIG):
+                tvm.tirx.build(func.with_attr("global_symbol", gv.name_hint), target=target)
+        except FAILURES:
+            return gv.name_hint
+    return "(none alone)"
 
 
 def _failing_kernel(mod, target) -> str:

@@ -36,7 +36,9 @@ def apply_parallel_grain(mod, target, grain: int = GRAIN):
     ``grain`` scalar block executions: replaced by a serial loop where the work is static, guarded by
     ``if work >= grain`` (parallel loop, else the same loop serial) where it is symbolic. A loop whose
     work depends on variables bound inside it stays parallel. Only CPU (``llvm``) targets are changed.
-    Returns a new IRModule; definitions duplicated by the guard are renamed (``s_tir.ConvertSSA``). Build it
+    Returns a new IRModule; definitions duplicated by the guard are renamed (``s_tir.ConvertSSA``, on the
+    guarded functions alone: on a kernel with two symbolic parameters of one name, DeBERTa's relative
+    attention, it re-declared a scratch buffer inside each block and the build failed). Build it
     inside ``tvm.transform.PassContext(config=BUILD_CONFIG)``."""
     if target.kind.name != "llvm":
         return mod
@@ -48,8 +50,8 @@ def apply_parallel_grain(mod, target, grain: int = GRAIN):
                 changed[gv] = func.with_body(body)
     if not changed:
         return mod
-    mod = tvm.IRModule({**dict(mod.functions_items()), **changed}, attrs=mod.attrs)
-    return tvm.s_tir.transform.ConvertSSA()(mod)
+    renamed = tvm.s_tir.transform.ConvertSSA()(tvm.IRModule(changed))
+    return tvm.IRModule({**dict(mod.functions_items()), **dict(renamed.functions_items())}, attrs=mod.attrs)
 
 
 def _guard(stmt, grain: int, scratch: dict | None = None):

@@ -185,3 +185,19 @@ def test_later_stages_are_named_and_chained(stage, function, monkeypatch, empty_
     with pytest.raises(sfx.StructfxError, match=rf"\[{stage}\].*Check failed: something TVM could not do") as raised:
         sfx.compile(Linear().eval(), torch.randn(2, 8))
     assert isinstance(raised.value.__cause__, tvm.error.InternalError)
+
+
+def test_deberta_v2_relative_attention_compiles_and_matches():
+    """DeBERTa-v2's relative-position products are a kernel with two symbolic parameters of one name (the
+    batch, twice); renaming definitions over the whole module re-declared its scratch buffer in each block
+    and tvm.compile failed (``Buffer ... is used before its definition``)."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    torch.manual_seed(0)
+    config = DebertaV2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                             vocab_size=100, max_position_embeddings=64)
+    model = DebertaV2Model(config).eval()
+    compiled = sfx.compile(model, (torch.randint(0, 100, (2, 16)),))
+    for batch, sequence in ((1, 16), (3, 9)):
+        ids = torch.randint(0, 100, (batch, sequence))
+        assert torch.allclose(compiled(ids)[0], model(ids).last_hidden_state, atol=1e-5)
