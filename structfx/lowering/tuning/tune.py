@@ -155,12 +155,15 @@ class InProcessBuilder(ms.builder.PyBuilder):
     def build(self, build_inputs):
         results = []
         for build_input in build_inputs:
+            directory = None
             try:
                 library = tvm.compile(build_input.mod, target=build_input.target)
-                path = Path(tempfile.mkdtemp(prefix="structfx-tune-")) / "candidate.tar"
-                library.export_library(str(path), fcompile=tar)
-                results.append(ms.builder.BuilderResult(str(path), None))
+                directory = Path(tempfile.mkdtemp(prefix="structfx-tune-"))
+                library.export_library(str(directory / "candidate.tar"), fcompile=tar)
+                results.append(ms.builder.BuilderResult(str(directory / "candidate.tar"), None))
             except Exception as e:  # a candidate that does not build is a result, not a failure of the run
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
                 results.append(ms.builder.BuilderResult(None, f"{type(e).__name__}: {e}"))
         return results
 
