@@ -95,12 +95,16 @@ def export_for_compile(model: nn.Module, args: tuple) -> torch.export.ExportedPr
 
 def input_names(model: nn.Module, count: int) -> list[str]:
     """The names of forward's first ``count`` positional parameters (``input{i}`` where unknown)."""
-    try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        parameters = []
-    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [p.name for p in _forward_parameters(model) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return [positional[i] if i < len(positional) else f"input{i}" for i in range(count)]
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    """forward's parameters; none where Python cannot read its signature (a C-implemented forward)."""
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
 
 
 def check_example_inputs(model: nn.Module, args: tuple, names: list[str]) -> None:
@@ -118,11 +122,7 @@ def check_example_inputs(model: nn.Module, args: tuple, names: list[str]) -> Non
                 f"example input {name!r} is a {type(arg).__name__}: compile takes tensors only; fix non-tensor "
                 f"arguments in a wrapper module (e.g. functools.partial inside its forward)"
             )
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        parameters = []
-    required = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    required = [p.name for p in _forward_parameters(model) if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
     if required:
         raise StructfxError(
             f"{type(model).__name__}.forward takes {', '.join(required)} as keyword-only: compile passes example "
@@ -212,10 +212,7 @@ def _export(model: nn.Module, example: tuple, requested: list[DynamicDim], hint,
 def _in_signature(model: nn.Module, shapes: list) -> tuple:
     """``shapes`` (one per positional input) in the structure torch.export matches them to forward's
     parameters by: the inputs that fill a ``*args`` parameter are one tuple there."""
-    try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return tuple(shapes)
+    parameters = _forward_parameters(model)
     named = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not any(p.kind is p.VAR_POSITIONAL for p in parameters) or len(shapes) < len(named):
         return tuple(shapes)
