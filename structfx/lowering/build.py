@@ -208,25 +208,31 @@ def _failing_relax_op(mod, target) -> str:
 
 def _failing_build(mod, target) -> str:
     """Build each scheduled PrimFunc alone to name the one TVM cannot build (only run on failure)."""
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        try:
-            with tvm.transform.PassContext(config=BUILD_CONFIG):
-                tvm.tirx.build(func.with_attr("global_symbol", gv.name_hint), target=target)
-        except FAILURES:
-            return gv.name_hint
-    return "(none alone)"
+
+    def build(gv, func):
+        with tvm.transform.PassContext(config=BUILD_CONFIG):
+            tvm.tirx.build(func.with_attr("global_symbol", gv.name_hint), target=target)
+
+    return _first_failing(mod, build)
 
 
 def _failing_kernel(mod, target) -> str:
     """Schedule each PrimFunc alone to name the one that fails (only run on failure)."""
+
+    def schedule(gv, func):
+        with target:
+            tvm.s_tir.dlight.ApplyDefaultSchedule(*schedule_rules_for(target))(tvm.IRModule({gv: func}))
+
+    return _first_failing(mod, schedule)
+
+
+def _first_failing(mod, attempt) -> str:
+    """The name of the first PrimFunc of ``mod`` on which ``attempt(gv, func)`` raises one of FAILURES."""
     for gv, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         try:
-            with target:
-                tvm.s_tir.dlight.ApplyDefaultSchedule(*schedule_rules_for(target))(tvm.IRModule({gv: func}))
+            attempt(gv, func)
         except FAILURES:
             return gv.name_hint
     return "(none alone)"
