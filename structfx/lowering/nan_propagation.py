@@ -50,27 +50,35 @@ def _propagating(node, select_gives_b: bool):
     """``node`` (a Max or Min) NaN-propagating. ``select_gives_b``: the code generator lowers it to
     ``select(a > b, a, b)``, so a NaN in ``b`` already comes out."""
     a, b = node.a, node.b
-    if "float" not in str(node.ty) or isinstance(a, tirx.FloatImm) and isinstance(b, tirx.FloatImm):
+    constant_a, constant_b = isinstance(a, tirx.FloatImm), isinstance(b, tirx.FloatImm)
+    if "float" not in str(node.ty) or constant_a and constant_b:
         return node
     if select_gives_b:
-        if isinstance(a, tirx.FloatImm):
+        if constant_a:
             return node
-        if isinstance(b, tirx.FloatImm):
+        if constant_b:
             return type(node)(b, a)
-        checked = [a]
+        check_a, check_b = True, False
     else:
-        checked = [x for x in (a, b) if not isinstance(x, tirx.FloatImm)]
-    bound = {}
-    for x in checked:
-        if not isinstance(x, tirx.Var | TensorLoad):  # computed: bound once, read by the check and the max
-            bound[tirx.Var("nan_operand", x.ty)] = x
-    a, b = (next((var for var, value in bound.items() if value.same_as(x)), x) for x in (a, b))
-    checked = [next((var for var, value in bound.items() if value.same_as(x)), x) for x in checked]
+        check_a, check_b = not constant_a, not constant_b
+    bound = []
+    a, b = _once(a, bound) if check_a else a, _once(b, bound) if check_b else b
     plain = type(node)(a, b)
-    if len(checked) == 1:
-        result = tirx.Select(tirx.isnan(checked[0]), checked[0], plain)
-    else:
+    if check_a and check_b:
         result = tirx.Select(tirx.Or(tirx.isnan(a), tirx.isnan(b)), a + b, plain)
-    for var, value in reversed(bound.items()):
+    else:
+        kept = a if check_a else b
+        result = tirx.Select(tirx.isnan(kept), kept, plain)
+    for var, value in reversed(bound):
         result = tirx.Let(var, value, result)
     return result
+
+
+def _once(operand, bound: list):
+    """``operand`` itself where reading it again is free (a variable, a load), else a new variable bound to
+    it, appended to ``bound`` as (variable, value): the check and the max both read it."""
+    if isinstance(operand, tirx.Var | TensorLoad):
+        return operand
+    var = tirx.Var("nan_operand", operand.ty)
+    bound.append((var, operand))
+    return var
