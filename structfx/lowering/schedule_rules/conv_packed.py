@@ -56,21 +56,8 @@ class ConvPacked(OpScheduleRule):
         f_outer, f_inner = sch.split(f, [None, mr])
         outer, inner = [n, f_outer], []
         if len(positions) == 2:
-            y, x = positions
-            if rows > 1:
-                y_outer, y_inner = sch.split(y, [None, rows])
-                outer.append(y_outer)
-                inner.append(y_inner)
-            else:
-                outer.append(y)
-        else:
-            (x,) = positions
-        if cols > 1:
-            x_outer, x_inner = sch.split(x, [None, cols])
-            outer.append(x_outer)
-            inner.append(x_inner)
-        else:
-            outer.append(x)
+            _tile(sch, positions[0], rows, outer, inner)
+        _tile(sch, positions[-1], cols, outer, inner)
         sch.reorder(*outer, *reduction, *inner, f_inner)
         parallel = parallel_tiles(sch, outer)
         for loop in inner:
@@ -87,3 +74,14 @@ def _packed_width(block) -> int:
     """Output channels per packed block (the last dim of the packed weight the block reads)."""
     packed = max((region.source for region in block.reads), key=lambda buffer: len(buffer.shape))
     return int(packed.shape[-1])
+
+
+def _tile(sch: Schedule, loop, size: int, outer: list, inner: list) -> None:
+    """``loop`` split into tiles of ``size`` (outer part to ``outer``, the tile to ``inner``); kept whole in
+    ``outer`` where ``size`` is 1."""
+    if size > 1:
+        loop_outer, loop_inner = sch.split(loop, [None, size])
+        outer.append(loop_outer)
+        inner.append(loop_inner)
+    else:
+        outer.append(loop)
