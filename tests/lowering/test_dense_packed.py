@@ -182,6 +182,13 @@ def test_compiled_linear_on_flattened_rows(batch):
     assert float((compiled(x) - want).norm() / want.norm()) < 1e-5
 
 
+def _only_packed(compiled, n: int, k: int) -> bool:
+    """The (n, k) dense weight is among the build's parameters as packed panels only, in neither layout."""
+    panel = 2 * vector_lanes(compiled.target)
+    shapes = [tuple(p.shape) for p in compiled.params]
+    return (-(-n // panel), k, panel) in shapes and (n, k) not in shapes and (k, n) not in shapes
+
+
 class TransposedInput(nn.Module):
     """A linear layer on a non-contiguous (batch, seq, K) input, as attention's output projection reads
     its heads' merged context: torch.export spells it as expand + bmm, a 3-D matmul in Relax."""
@@ -199,9 +206,7 @@ def test_compiled_linear_on_a_3d_input_runs_on_packed_weights(batch):
     torch.manual_seed(0)
     model = TransposedInput().eval()
     compiled = sfx.compile(model, torch.randn(7, 2, 24))
-    panel = 2 * vector_lanes(compiled.target)
-    shapes = [tuple(p.shape) for p in compiled.params]
-    assert (-(-19 // panel), 24, panel) in shapes and (19, 24) not in shapes and (24, 19) not in shapes
+    assert _only_packed(compiled, 19, 24)
     x = torch.randn(batch, 2, 24)
     with torch.no_grad():
         want = model(x)
@@ -229,9 +234,7 @@ def test_compiled_layers_on_symbolic_batch_and_sequence():
     torch.manual_seed(0)
     block = GatedBlock().eval()
     compiled = sfx.compile(block, torch.randint(0, 50, (2, 9)))
-    panel = 2 * vector_lanes(compiled.target)
-    shapes = [tuple(p.shape) for p in compiled.params]
-    assert (-(-24 // panel), 37, panel) in shapes and (24, 37) not in shapes
+    assert _only_packed(compiled, 24, 37)
     for batch, sequence in [(1, 9), (3, 5), (2, 13)]:
         ids = torch.randint(0, 50, (batch, sequence))
         with torch.no_grad():
@@ -257,9 +260,7 @@ def test_compiled_kn_weight_runs_on_packed_weights(batch):
     torch.manual_seed(0)
     model = KNWeight().eval()
     compiled = sfx.compile(model, torch.randn(2, 5, 24))
-    panel = 2 * vector_lanes(compiled.target)
-    shapes = [tuple(p.shape) for p in compiled.params]
-    assert (-(-37 // panel), 24, panel) in shapes and (24, 37) not in shapes
+    assert _only_packed(compiled, 37, 24)
     x = torch.randn(batch, 5, 24)
     with torch.no_grad():
         want = model(x)
