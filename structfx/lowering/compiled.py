@@ -10,6 +10,7 @@ from torch import Tensor
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import Target, relax, tvm
+from structfx.runtime.host import use_every_core
 from structfx.runtime.signature import TensorSpec, check_inputs, check_values, type_name
 
 
@@ -57,6 +58,7 @@ class CompiledModel:
         self.check_inputs(args)
         if self._indexes:
             check_values(self.inputs, args)
+        use_every_core()  # on the calling thread: TVM's thread pool is per thread
         with self._lock:
             _, params = self._machine()  # first: it says when the build's device is absent
             result = self._main(*[self._to_device(a) for a in args], *params)

@@ -5,6 +5,7 @@ elementwise ops after them: what the dense (``structfx.lowering.packing``), conv
 from __future__ import annotations
 
 from structfx.lowering.compat import relax, tvm
+from structfx.runtime.host import use_every_core
 
 #: TVM's OpPatternKind kOutEWiseFusable: FuseOps fuses elementwise ops after such a function into it.
 OUT_ELEMWISE_FUSABLE = 4
@@ -30,6 +31,7 @@ def run_weight_computations(mod, params: list) -> tuple:
         return mod, params
     transform = relax.transform.DeadCodeElimination([TRANSFORM])(_without(lifted, "main"))
     executable = tvm.compile(transform, target=tvm.target.Target("llvm"))
+    use_every_core()
     results = relax.VirtualMachine(executable, tvm.cpu(0))[TRANSFORM](params)
     return _without(lifted, TRANSFORM), list(results)
 

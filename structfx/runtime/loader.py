@@ -35,6 +35,7 @@ class Runtime:
         ], "a numpy array or a CPU torch tensor")
         check_values(self.inputs, arrays)
         values = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
+        use_every_core()  # on the calling thread: TVM's thread pool is per thread
         with self._lock:
             result = self._vm["main"](*values, *self._params)
         leaves = [result] if hasattr(result, "numpy") else list(result)
@@ -65,7 +66,6 @@ def load(directory: str | Path, device: str = "cpu") -> Runtime:
     compute capability cannot run the build's CUDA architecture.
     """
     require_path(directory, "load's directory")
-    use_every_core()
     root = Path(directory)
     manifest = read_verified_manifest(root)
     _check_runnable(manifest["target"], device)

@@ -24,6 +24,7 @@ from structfx.lowering.compat import Schedule, Target, derived_object, meta_sche
 from structfx.lowering.target import resolve_target
 from structfx.lowering.tuning.database import Record, RecordsDatabase, TuningDatabase, plain_json, workload_hash
 from structfx.lowering.tuning.tasks import Task, context, extract_tasks, without_tensor_intrinsics, workload_of
+from structfx.runtime.host import use_every_core
 
 ms = meta_schedule
 #: In the error of a measurement its runner stopped ("LocalRunner: Timeout, killed after 30 seconds").
@@ -84,7 +85,7 @@ def make_runner(rpc: str | None, key: str | None):
     """A local runner, or one on TVM's RPC tracker at ``host:port`` (checked reachable within seconds)."""
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
     if rpc is None:
-        return ms.runner.LocalRunner(evaluator_config=evaluator)
+        return ms.runner.LocalRunner(evaluator_config=evaluator, initializer=use_every_core)
     host, _, port = rpc.rpartition(":")
     if not host or not port.isdigit() or not key:
         raise StructfxError(f"rpc={rpc!r} key={key!r}: give the tracker as HOST:PORT and the servers' --key")
