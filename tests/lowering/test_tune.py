@@ -264,10 +264,32 @@ def test_a_hand_schedule_slower_than_the_timeout_is_filed_as_infinitely_slow(tmp
     target = resolve_target()
     mod = legalize_module(lower_to_relax(export_for_compile(model, (x,)), target)[0], target)
     (task,) = extract_tasks(mod, target)
-    record = _measure_hand_schedule(task, target, workload_hash(task.workload), InProcessBuilder(), _TimedOut())
+    record = _measure_hand_schedule(task, target, workload_hash(task.workload), InProcessBuilder(tmp_path), _TimedOut())
     assert record.hand and record.seconds == float("inf")
     db = TuningDatabase(tmp_path / "db", target, create=True)
     db.add(record)
     assert TuningDatabase(tmp_path / "db", target, create=False).best(record.workload).seconds == float("inf")
     with torch.no_grad():  # the only record is the hand schedule: compile keeps it
         assert torch.equal(sfx.compile(model, x, database=tmp_path / "db")(x), sfx.compile(model, x)(x))
+
+
+
+def test_a_run_stopped_between_build_and_measurement_leaves_no_candidate_library(tmp_path, monkeypatch):
+    """A batch's first candidate is built (its directory made) and the second's build is interrupted: the
+    first is never measured, so MetaSchedule's RemoveBuildArtifact never sees it; the run's directory goes."""
+    from structfx.lowering.compat import tvm
+
+    compile_, built = tvm.compile, []
+
+    def compile_then_stop(*args, **kwargs):
+        built.append(args)
+        if len(built) == 3:  # the hand schedule, one candidate, then the interruption
+            raise KeyboardInterrupt
+        return compile_(*args, **kwargs)
+
+    monkeypatch.setattr(tvm, "compile", compile_then_stop)
+    model, x = _model()
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):  # TVM's FFI hands it on as a RuntimeError
+        sfx.tune(model, x, trials=4, database=tmp_path / "db", progress=False)
+    assert len(built) == 3  # the fixture checks that the temporary directory is empty again
+

@@ -70,10 +70,12 @@ def tune(
         db = TuningDatabase(database, tvm_target, create=True)
         tasks = extract_tasks(legalize_module(mod, tvm_target), tvm_target)
         records = RecordsDatabase(db, tvm_target, {workload_hash(t.workload): t.name for t in tasks})
-        builder = InProcessBuilder()
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[best]}")]
-        with Progress(*columns, disable=not progress) as bar, without_tensor_intrinsics():
+        # the run's candidate libraries, also those built but not measured when it stops, are removed with it
+        with tempfile.TemporaryDirectory(prefix="structfx-tune-") as builds, without_tensor_intrinsics(), \
+                Progress(*columns, disable=not progress) as bar:
+            builder = InProcessBuilder(builds)
             for task in tasks:
                 _tune_task(task, tvm_target, trials, records, builder, runner, database, bar)
     finally:
@@ -151,7 +153,15 @@ def _show_best(bar, line, db: TuningDatabase, key: str, hand: float | None) -> N
 @derived_object
 class InProcessBuilder(ms.builder.PyBuilder):
     """Builds candidates in this process: no worker to start and no module to pickle across (pickling
-    an IRModule segfaults with apache-tvm-ffi 0.1.15, which is why pyproject pins 0.1.14)."""
+    an IRModule segfaults with apache-tvm-ffi 0.1.15, which is why pyproject pins 0.1.14).
+
+    Each candidate's library goes to its own directory under ``root``, which the tuning run owns and
+    removes when it ends: MetaSchedule's RemoveBuildArtifact removes a measured candidate's directory,
+    but not those of candidates built and not yet measured when a run is interrupted or fails."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__()
+        self.root = Path(root)
 
     def build(self, build_inputs):
         results = []
@@ -159,7 +169,7 @@ class InProcessBuilder(ms.builder.PyBuilder):
             directory = None
             try:
                 library = tvm.compile(build_input.mod, target=build_input.target)
-                directory = Path(tempfile.mkdtemp(prefix="structfx-tune-"))
+                directory = Path(tempfile.mkdtemp(prefix="candidate-", dir=self.root))
                 library.export_library(str(directory / "candidate.tar"), fcompile=tar)
                 results.append(ms.builder.BuilderResult(str(directory / "candidate.tar"), None))
             except Exception as e:  # a candidate that does not build is a result, not a failure of the run
