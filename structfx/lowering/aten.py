@@ -14,9 +14,9 @@
   ``x``; ours makes the scalar the result's dtype (``convert_div_mode``).
 - ``aten.embedding``: TVM's take reads outside the table for an id outside it; ours clamps
   (``convert_embedding``).
-- Max and min over dims (``aten.amax``, ``amin``: TVM has no converter; ``max.dim``, ``min.dim``: TVM
-  takes a top-1 sort, which lost NaN): a ``max``/``min`` reduction for the values (NaN-propagating, as
-  torch's, through ``structfx.lowering.nan_propagation``) and ``argmax``/``argmin`` for the indices.
+- Max and min over dims (``aten.amax``, ``amin``: TVM has no converter): a ``max``/``min`` reduction
+  (NaN-propagating, as torch's, through ``structfx.lowering.nan_propagation``). ``max.dim``, ``min.dim``,
+  ``argmax``, ``argmin``, ``sort``, ``argsort`` and ``topk`` are ``structfx.lowering.ordering``'s.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 from structfx.errors import StructfxError
 from structfx.lowering.compat import relax, tvm
+from structfx.lowering.ordering import CONVERTERS as ORDERING_CONVERTERS
 
 INT64_MAX = 2**63 - 1
 
@@ -105,7 +106,7 @@ def convert_linear(node: torch.fx.Node, importer) -> relax.Var:
 
 
 def _reduced_dims(node: torch.fx.Node) -> tuple[list[int] | None, bool]:
-    """(dims, keepdim) of ``amax(x, dim=[], keepdim=False)`` or ``max.dim(x, dim, keepdim=False)``;
+    """(dims, keepdim) of ``amax(x, dim=[], keepdim=False)``;
     ``None`` dims for every dim."""
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
@@ -113,17 +114,12 @@ def _reduced_dims(node: torch.fx.Node) -> tuple[list[int] | None, bool]:
     return dims or None, bool(keepdim)
 
 
-def extremum(reduce, arg_reduce):
-    """Converter of ``amax``/``amin`` (``arg_reduce`` None: values only) or ``max.dim``/``min.dim``
-    (values, indices)."""
+def extremum(reduce):
+    """Converter of ``amax``/``amin``: the values only."""
 
     def convert(node: torch.fx.Node, importer) -> relax.Var:
-        x, emit = importer.env[node.args[0]], importer.block_builder.emit
         dims, keepdim = _reduced_dims(node)
-        values = emit(reduce(x, dims, keepdim))
-        if arg_reduce is None:
-            return values
-        return emit(relax.Tuple([values, emit(arg_reduce(x, dims[0], keepdim))]))
+        return importer.block_builder.emit(reduce(importer.env[node.args[0]], dims, keepdim))
 
     return convert
 
@@ -190,8 +186,7 @@ CONVERTERS = {
     "embedding.default": convert_embedding,
     "div.Tensor_mode": convert_div_mode,
     "div.Scalar_mode": convert_div_mode,
-    "amax.default": extremum(relax.op.max, None),
-    "amin.default": extremum(relax.op.min, None),
-    "max.dim": extremum(relax.op.max, relax.op.argmax),
-    "min.dim": extremum(relax.op.min, relax.op.argmin),
+    "amax.default": extremum(relax.op.max),
+    "amin.default": extremum(relax.op.min),
+    **ORDERING_CONVERTERS,
 }

@@ -1,0 +1,133 @@
+"""torch's order of floats for ``argmax``/``argmin``, ``max.dim``/``min.dim``, ``sort``, ``argsort`` and ``topk``.
+
+torch orders NaN above every number (``sort`` puts NaN last ascending and first descending, ``topk`` returns
+NaN first among the largest) and its ``argmax`` and ``argmin`` return the index of a row's first NaN; ``-0.0``
+and ``0.0`` tie. TVM compares floats with ``<`` and ``>``, which are false for NaN: its sorts (``std::sort``
+with a comparator that is not a strict weak order) put NaN anywhere and its arg-reductions skip NaN.
+
+Here each float is mapped to an integer of its width that has torch's order (the IEEE 754 magnitude bits,
+negated for a negative float, so that integer order is float order and ``-0.0`` ties with ``0.0``; every
+NaN mapped to the largest integer, or to the smallest for ``argmin``), TVM's sort or arg-reduction
+runs on those integers (stable, first index on ties), and values are gathered from the input at the
+indices found, so NaN payloads and the sign of zero come back as torch returns them. Integer inputs are
+sorted as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from structfx.lowering.compat import relax, te, tirx
+
+#: Each float dtype: the signed integer of its width and the bits of +infinity (all exponent bits).
+BITS = {"float16": ("int16", 0x7C00), "bfloat16": ("int16", 0x7F80), "float32": ("int32", 0x7F800000),
+        "float64": ("int64", 0x7FF0000000000000)}
+
+
+def order_key(x: te.Tensor, nan_largest: bool = True) -> te.Tensor:
+    """Integers of ``x``'s width (int32 for float32, int64 for float64; int32 for the 16-bit floats, whose
+    keys are sign-extended) in the order torch gives the floats of ``x``: NaN above (``nan_largest``) or
+    below every number, ``-0.0`` equal to ``0.0``. Same shape as ``x``.
+
+    From the bits alone (TVM has no ``isnan`` for bfloat16): a float's key is its magnitude bits (exponent
+    and mantissa, which order magnitudes as integers), negated for a negative float, so ``-0.0`` and ``0.0``
+    both get 0; magnitude bits above +infinity's are a NaN."""
+    bits, infinity = BITS[str(x.dtype)]
+    width = int(bits.removeprefix("int"))
+    magnitude_mask = tirx.const((1 << (width - 1)) - 1, bits)
+    nan_key = magnitude_mask if nan_largest else tirx.const(-(1 << (width - 1)), bits)
+
+    def key(*index):
+        b = tirx.reinterpret(bits, x(*index))
+        magnitude = tirx.bitwise_and(b, magnitude_mask)
+        ordered = tirx.Select(magnitude > tirx.const(infinity, bits), nan_key,
+                              tirx.Select(b < tirx.const(0, bits), -magnitude, magnitude))
+        return ordered if width >= 32 else ordered.astype("int32")  # TVM's sorts take 32 and 64 bits
+
+    return te.compute(x.shape, key, name="torch_order_key")
+
+
+def _key(importer, x, nan_largest: bool = True):
+    if str(x.ty.dtype) not in BITS:
+        return x
+    return importer.block_builder.emit_te(order_key, x, nan_largest)
+
+
+def _arg(node: torch.fx.Node, position: int, name: str, default):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def arg_extremum(largest: bool):
+    """Converter of ``argmax(x, dim=None, keepdim=False)`` (``largest``) or ``argmin``."""
+
+    def convert(node: torch.fx.Node, importer) -> relax.Var:
+        x = importer.env[node.args[0]]
+        dim, keepdim = _arg(node, 1, "dim", None), _arg(node, 2, "keepdim", False)
+        reduce = relax.op.argmax if largest else relax.op.argmin
+        # argmin's NaN is its smallest key: the first NaN wins either way
+        return importer.block_builder.emit(reduce(_key(importer, x, nan_largest=largest), dim, keepdim))
+
+    return convert
+
+
+def extremum_with_index(largest: bool):
+    """Converter of ``max.dim(x, dim, keepdim=False)`` (``largest``) or ``min.dim``: (values, indices), the
+    values read from ``x`` at the indices."""
+
+    def convert(node: torch.fx.Node, importer) -> relax.Var:
+        x, emit = importer.env[node.args[0]], importer.block_builder.emit
+        dim, keepdim = node.args[1], _arg(node, 2, "keepdim", False)
+        reduce = relax.op.argmax if largest else relax.op.argmin
+        indices = emit(reduce(_key(importer, x, nan_largest=largest), dim, keepdims=True))
+        values = emit(relax.op.gather_elements(x, indices, axis=dim))
+        if not keepdim:
+            values, indices = emit(relax.op.squeeze(values, [dim])), emit(relax.op.squeeze(indices, [dim]))
+        return emit(relax.Tuple([values, indices]))
+
+    return convert
+
+
+def _sort_args(node: torch.fx.Node) -> tuple[int, bool]:
+    """(dim, descending) of ``sort``/``argsort`` ``(x, dim=-1, descending=False)`` or their ``.stable``
+    overloads (``(x, *, stable, dim=-1, descending=False)``, all keywords)."""
+    if node.target.__name__.endswith(".stable"):
+        return node.kwargs.get("dim", -1), node.kwargs.get("descending", False)
+    return _arg(node, 1, "dim", -1), _arg(node, 2, "descending", False)
+
+
+def convert_argsort(node: torch.fx.Node, importer) -> relax.Var:
+    """``argsort``: TVM's (stable) argsort of the order keys."""
+    dim, descending = _sort_args(node)
+    x = importer.env[node.args[0]]
+    return importer.block_builder.emit(relax.op.argsort(_key(importer, x), dim, descending, dtype="int64"))
+
+
+def convert_sort(node: torch.fx.Node, importer) -> relax.Var:
+    """``sort``: (values, indices), the indices of the keys' stable argsort and the values of ``x`` there."""
+    dim, descending = _sort_args(node)
+    x, emit = importer.env[node.args[0]], importer.block_builder.emit
+    indices = emit(relax.op.argsort(_key(importer, x), dim, descending, dtype="int64"))
+    return emit(relax.Tuple([emit(relax.op.gather_elements(x, indices, axis=dim)), indices]))
+
+
+def convert_topk(node: torch.fx.Node, importer) -> relax.Var:
+    """``topk(x, k, dim=-1, largest=True, sorted=True)``: (values, indices), the keys' top k and the
+    values of ``x`` there."""
+    x, emit = importer.env[node.args[0]], importer.block_builder.emit
+    k, dim, largest = node.args[1], _arg(node, 2, "dim", -1), _arg(node, 3, "largest", True)
+    indices = emit(relax.op.topk(_key(importer, x), k=k, axis=dim, largest=largest, ret_type="indices",
+                                 dtype="int64"))
+    return emit(relax.Tuple([emit(relax.op.gather_elements(x, indices, axis=dim)), indices]))
+
+
+CONVERTERS = {
+    "argmax.default": arg_extremum(largest=True),
+    "argmin.default": arg_extremum(largest=False),
+    "max.dim": extremum_with_index(largest=True),
+    "min.dim": extremum_with_index(largest=False),
+    "argsort.default": convert_argsort,
+    "argsort.stable": convert_argsort,
+    "sort.default": convert_sort,
+    "sort.stable": convert_sort,
+    "topk.default": convert_topk,
+}
