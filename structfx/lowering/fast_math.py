@@ -85,12 +85,18 @@ def _legalization(name: str):
     return legalize
 
 
-#: Constant exponent -> (x, 1 in x's dtype) -> x ** exponent as torch computes it, without ``pow``.
+#: Constant exponent -> (x, 1 in x's dtype) -> x ** exponent as torch computes it, without ``pow``, and the
+#: dtypes it is torch's form for. torch's CPU kernel (ATen's ``pow_tensor_scalar_kernel``) computes
+#: ``x ** 0.5`` as ``sqrt(x)`` and ``x ** -0.5`` as ``1 / sqrt(x)`` in float32 and float64: so
+#: ``(-0.0) ** 0.5`` is -0.0 and ``(-inf) ** 0.5`` NaN there, where ``pow`` gives 0.0 and inf. In float16
+#: torch calls ``pow`` itself, which TVM's legalization already matches bit for bit.
 POWERS = {
-    2.0: lambda x, one: x * x,
-    3.0: lambda x, one: x * x * x,
-    -2.0: lambda x, one: one / (x * x),
-    -1.0: lambda x, one: one / x,
+    2.0: (lambda x, one: x * x, ("float16", "float32", "float64")),
+    3.0: (lambda x, one: x * x * x, ("float16", "float32", "float64")),
+    -2.0: (lambda x, one: one / (x * x), ("float16", "float32", "float64")),
+    -1.0: (lambda x, one: one / x, ("float16", "float32", "float64")),
+    0.5: (lambda x, one: tirx.sqrt(x), ("float32", "float64")),
+    -0.5: (lambda x, one: one / tirx.sqrt(x), ("float32", "float64")),
 }
 
 
@@ -104,10 +110,10 @@ def _power_legalization():
     default = tvm.ir.Op.get("relax.power").get_attr("FLegalize")
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        exponent = _constant_exponent(call.args[1])
-        if exponent not in POWERS or call.ty.dtype not in ("float16", "float32", "float64"):
+        power, dtypes = POWERS.get(_constant_exponent(call.args[1]), (None, ()))
+        if call.ty.dtype not in dtypes:
             return default(bb, call)
-        power, one = POWERS[exponent], tirx.const(1.0, call.ty.dtype)
+        one = tirx.const(1.0, call.ty.dtype)
         return bb.call_te(lambda x: te.compute(x.shape, lambda *i: power(x(*i), one), name="T_power"),
                           call.args[0], primfunc_name_hint="power")
 
