@@ -8,7 +8,9 @@
 - Matrix products (``aten.mm``, ``bmm``, ``matmul``, ``addmm``, ``linear``): TVM's converters fix their
   result to float32, so a float64 (or float16) model fails at import (``R.add(p_0_bias, lv1) uses
   datatype T.float64 on the LHS ... T.float32 on the RHS``). They are emitted in the dtype torch computes
-  them in (the node's own result dtype). TVM's convolutions and ``baddbmm`` also compute in float32 only:
+  them in (the node's own result dtype); float16 and bfloat16 ones on float32 operands (exact widenings;
+  a dense layer's weight is widened once, at compile time, with its packing) with float32 sums rounded
+  once, as torch's CPU kernels do. TVM's convolutions and ``baddbmm`` also compute in float32 only:
   in another dtype they are refused with a StructfxError naming the op and the fix.
 - ``div(x, 2, rounding_mode=...)``: TVM's converter divides by an int32 constant, refused for a float
   ``x``; ours makes the scalar the result's dtype (``convert_div_mode``).
@@ -76,33 +78,57 @@ def _result_dtype(node: torch.fx.Node) -> str:
     return str(node.meta["val"].dtype).removeprefix("torch.")
 
 
+def _accumulator(dtype: str) -> str:
+    """The dtype torch's CPU matrix products accumulate ``dtype`` in: float32 for the 16-bit floats (their
+    sums rounded once, at the end; eager fp16 ``nn.Linear`` is 10x more accurate so than fp16 sums), the
+    dtype itself otherwise."""
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
+def _widened(importer, value: relax.Var, dtype: str) -> relax.Var:
+    """``value`` in ``dtype`` (a weight's cast is lifted out of the model and done once, at compile time)."""
+    if str(value.ty.dtype) == dtype:
+        return value
+    return importer.block_builder.emit(relax.op.astype(value, dtype))
+
+
 def convert_matmul(node: torch.fx.Node, importer) -> relax.Var:
-    """``mm``/``bmm``/``matmul``(a, b) in the result's dtype."""
-    a, b = (importer.env[v] for v in node.args[:2])
-    return importer.block_builder.emit(relax.op.linear_algebra.matmul(a, b, out_dtype=_result_dtype(node)))
+    """``mm``/``bmm``/``matmul``(a, b) in the result's dtype, computed in ``_accumulator`` of it (16-bit
+    operands widened first: their products are exact in float32, and float32 products take the float32
+    schedule rules)."""
+    dtype = _result_dtype(node)
+    accumulator = _accumulator(dtype)
+    a, b = (_widened(importer, importer.env[v], accumulator) for v in node.args[:2])
+    product = importer.block_builder.emit(relax.op.linear_algebra.matmul(a, b, out_dtype=accumulator))
+    return _widened(importer, product, dtype)
 
 
 def convert_addmm(node: torch.fx.Node, importer) -> relax.Var:
-    """``addmm(bias, a, b, beta=, alpha=)`` = beta * bias + alpha * (a @ b), in the result's dtype."""
-    bias, a, b = (importer.env[v] for v in node.args[:3])
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    """``addmm(bias, a, b, beta=, alpha=)`` = beta * bias + alpha * (a @ b), in the result's dtype, computed
+    in ``_accumulator`` of it."""
     dtype, emit = _result_dtype(node), importer.block_builder.emit
-    product = emit(relax.op.linear_algebra.matmul(a, b, out_dtype=dtype))
+    accumulator = _accumulator(dtype)
+    bias, a, b = (_widened(importer, importer.env[v], accumulator) for v in node.args[:3])
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    product = emit(relax.op.linear_algebra.matmul(a, b, out_dtype=accumulator))
     if alpha != 1:
-        product = emit(relax.op.multiply(product, relax.const(alpha, dtype)))
+        product = emit(relax.op.multiply(product, relax.const(alpha, accumulator)))
     if beta == 0:
-        return product
+        return _widened(importer, product, dtype)
     if beta != 1:
-        bias = emit(relax.op.multiply(bias, relax.const(beta, dtype)))
-    return emit(relax.op.add(bias, product))
+        bias = emit(relax.op.multiply(bias, relax.const(beta, accumulator)))
+    return _widened(importer, emit(relax.op.add(bias, product)), dtype)
 
 
 def convert_linear(node: torch.fx.Node, importer) -> relax.Var:
-    """``linear(x, weight, bias=None)`` in the result's dtype."""
-    x, weight = (importer.env[v] for v in node.args[:2])
+    """``linear(x, weight, bias=None)`` in the result's dtype, computed in ``_accumulator`` of it."""
+    dtype = _result_dtype(node)
+    accumulator = _accumulator(dtype)
+    x, weight = (_widened(importer, importer.env[v], accumulator) for v in node.args[:2])
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    bias = importer.env[bias] if bias is not None else None
-    return importer.block_builder.emit(relax.op.linear(x, weight, bias, _result_dtype(node)))
+    bias = _widened(importer, importer.env[bias], accumulator) if bias is not None else None
+    product = importer.block_builder.emit(relax.op.linear(x, weight, bias, accumulator))
+    return _widened(importer, product, dtype)
 
 
 def _reduced_dims(node: torch.fx.Node) -> tuple[list[int] | None, bool]:

@@ -98,7 +98,8 @@ class _DensePacker(relax.PyExprMutator):
         """The (N, K) weight of a float32 dense layer ``matmul(x (..., K), permute_dims(w (N, K)))``
         (``nn.Linear``) or ``matmul(x (..., K), w (K, N))`` (transformers' ``Conv1D``) with ``w`` a
         parameter, or None: ``w`` itself, or its transpose (a Relax op on the parameter alone, lifted with
-        the packing)."""
+        the packing). A 16-bit layer's float32 operands are casts of its own (``structfx.lowering.aten``):
+        its weight's cast is lifted with the packing too."""
         if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
             return None
         x, operand = call.args
@@ -106,6 +107,23 @@ class _DensePacker(relax.PyExprMutator):
             return None
         if x.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "float32"):
             return None
+        widened = self._widened(operand)
+        weight = self._weight_before_cast(operand if widened is None else widened)
+        if weight is not None and weight.ty.dtype != "float32":  # cast with the packing, once
+            weight = self.builder_.emit(relax.op.astype(weight, "float32"))
+        return weight
+
+    def _widened(self, value):
+        """The 16-bit float value ``value`` is the float32 cast of (``structfx.lowering.aten`` widens 16-bit
+        layers' operands), or None."""
+        cast = self.lookup_binding(value)
+        if not isinstance(cast, relax.Call) or not isinstance(cast.op, tvm.ir.Op) or cast.op.name != "relax.astype":
+            return None
+        source = cast.args[0]
+        return source if isinstance(source, relax.Var) and source.ty.dtype in ("float16", "bfloat16") else None
+
+    def _weight_before_cast(self, operand):
+        """The (N, K) parameter ``operand`` is, or is the transpose of, or None."""
         if self._is_weight(operand):
             weight = self.builder_.emit(relax.op.permute_dims(operand, [1, 0]))
         else:
@@ -121,10 +139,10 @@ class _DensePacker(relax.PyExprMutator):
         return weight
 
     def _is_weight(self, value) -> bool:
-        """Whether ``value`` is a float32 2-D parameter of static shape."""
+        """Whether ``value`` is a float (32-bit, or 16-bit widened to it) 2-D parameter of static shape."""
         ty = value.ty
         return (any(value.same_as(w) for w in self.weights) and isinstance(ty, relax.TensorType)
-                and ty.dtype == "float32" and ty.shape is not None and len(ty.shape) == 2
+                and ty.dtype in ("float32", "float16", "bfloat16") and ty.shape is not None and len(ty.shape) == 2
                 and all(isinstance(d, tirx.IntImm) for d in ty.shape))
 
 
