@@ -111,6 +111,13 @@ def mobilenet_v2():
     return MobileNetV2Model(MobileNetV2Config(image_size=IMAGE, depth_multiplier=0.5))
 
 
+def efficientnet():
+    from transformers import EfficientNetConfig, EfficientNetModel
+
+    return EfficientNetModel(EfficientNetConfig(image_size=IMAGE, width_coefficient=0.5, depth_coefficient=0.3,
+                                                hidden_dim=640))
+
+
 def whisper_encoder():
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -141,6 +148,7 @@ ZOO = [
     Entry("RegNet", regnet, _images),
     Entry("ConvNeXt", convnext, _images),
     Entry("MobileNetV2", mobilenet_v2, _images),
+    Entry("EfficientNet", efficientnet, _images),
     Entry("Whisper encoder", whisper_encoder,
           lambda batch: (torch.randn(batch, 40, 128, generator=torch.Generator().manual_seed(batch)),)),
     Entry("Wav2Vec2", wav2vec2,

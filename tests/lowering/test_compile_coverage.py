@@ -201,3 +201,83 @@ def test_deberta_v2_relative_attention_compiles_and_matches():
     for batch, sequence in ((1, 16), (3, 9)):
         ids = torch.randint(0, 100, (batch, sequence))
         assert torch.allclose(compiled(ids)[0], model(ids).last_hidden_state, atol=1e-5)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al., 2018) as MobileNetV3 writes it: global average, 1x1 reduce, ReLU,
+    1x1 expand, hard sigmoid, scale."""
+
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(channels, squeezed, 1), nn.Conv2d(squeezed, channels, 1)
+
+    def forward(self, x):
+        scale = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(scale))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3's bottleneck: 1x1 expand, depthwise k x k (stride 2 after TF-style asymmetric zero padding),
+    squeeze-and-excitation, 1x1 project, residual where the shape allows; batch norms after each conv."""
+
+    def __init__(self, cin: int, expanded: int, cout: int, kernel: int, stride: int, act: type) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(cin, expanded, 1, bias=False), nn.BatchNorm2d(expanded), act())
+        before, after = (kernel - stride) // 2, (kernel - stride + 1) // 2
+        pad = nn.ZeroPad2d((before, after, before, after)) if stride == 2 else nn.Identity()
+        self.depthwise = nn.Sequential(
+            pad, nn.Conv2d(expanded, expanded, kernel, stride, 0 if stride == 2 else kernel // 2, groups=expanded,
+                           bias=False), nn.BatchNorm2d(expanded), act())
+        self.se = SqueezeExcite(expanded, max(8, expanded // 4))
+        self.project = nn.Sequential(nn.Conv2d(expanded, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.project(self.se(self.depthwise(self.expand(x))))
+        return x + y if self.residual else y
+
+
+class MobileNetV3Like(nn.Module):
+    """A user's own MobileNetV3/EfficientNet-style network: hard-swish stem, bottlenecks with depthwise 3x3 and
+    5x5 convs, SE blocks and ReLU / hard-swish / SiLU, a 1x1 head and a global pool written as a fixed-size
+    ``AvgPool2d(64, ceil_mode=True)`` (as transformers' EfficientNet does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.blocks = nn.Sequential(
+            InvertedResidual(16, 16, 16, 3, 1, nn.ReLU), InvertedResidual(16, 48, 24, 5, 2, nn.Hardswish),
+            InvertedResidual(24, 72, 24, 5, 1, nn.SiLU), InvertedResidual(24, 72, 40, 3, 2, nn.SiLU))
+        self.head = nn.Sequential(nn.Conv2d(40, 96, 1, bias=False), nn.BatchNorm2d(96), nn.Hardswish(),
+                                  nn.AvgPool2d(64, ceil_mode=True), nn.Flatten(), nn.Linear(96, 10))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def _trained_statistics(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode, its batch norms given non-trivial statistics."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+    return model.eval()
+
+
+def test_mobilenet_v3_like_model_matches_at_any_batch():
+    """Compiled at batch 2 (symbolic batch) on 29x29 images, run at batch 1 and 3; the head's pool window
+    is clipped to the 3x3 map it covers (structfx/lowering/pool_windows.py)."""
+    torch.manual_seed(0)
+    model = _trained_statistics(MobileNetV3Like())
+    compiled = sfx.compile(model, torch.randn(2, 3, 29, 29))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 29, 29, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            want = model(x)
+        got = compiled(x)
+        assert got.shape == want.shape
+        assert float((got - want).norm() / want.norm()) < 1e-5, batch
