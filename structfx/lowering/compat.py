@@ -18,6 +18,10 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.support.tar import tar
 from tvm.target import Target, codegen
 
+from structfx.runtime.host import use_every_core
+
+use_every_core()  # the importing thread's pool, for code that runs TVM functions directly (benchmarks, tools)
+
 __all__ = [
     "MatchBufferRegion", "SBlock", "SBlockRealize", "Schedule", "ScheduleError", "ScheduleRule", "Target",
     "TensorLoad", "codegen", "derived_object", "detach_params", "dlight", "from_exported_program", "get_root_block",

@@ -1,9 +1,11 @@
-"""torch's order of floats for ``argmax``/``argmin``, ``max.dim``/``min.dim``, ``sort``, ``argsort`` and ``topk``.
+"""torch's order of floats for ``argmax``/``argmin``, ``max.dim``/``min.dim``, ``sort``, ``argsort``, ``topk`` and
+``median.dim``.
 
 torch orders NaN above every number (``sort`` puts NaN last ascending and first descending, ``topk`` returns
-NaN first among the largest) and its ``argmax`` and ``argmin`` return the index of a row's first NaN; ``-0.0``
-and ``0.0`` tie. TVM compares floats with ``<`` and ``>``, which are false for NaN: its sorts (``std::sort``
-with a comparator that is not a strict weak order) put NaN anywhere and its arg-reductions skip NaN.
+NaN first among the largest) and its ``argmax``, ``argmin`` and ``median`` return the index of a row's first
+NaN; ``-0.0`` and ``0.0`` tie. TVM compares floats with ``<`` and ``>``, which are false for NaN: its sorts
+(``std::sort`` with a comparator that is not a strict weak order) put NaN anywhere and its arg-reductions
+skip NaN.
 
 Here each float is mapped to an integer of its width that has torch's order (the IEEE 754 magnitude bits,
 negated for a negative float, so that integer order is float order and ``-0.0`` ties with ``0.0``; every
@@ -120,7 +122,36 @@ def convert_topk(node: torch.fx.Node, importer) -> relax.Var:
     return emit(relax.Tuple([emit(relax.op.gather_elements(x, indices, axis=dim)), indices]))
 
 
+def convert_median(node: torch.fx.Node, importer) -> relax.Var:
+    """``median.dim(x, dim, keepdim=False)``: (values, indices), the lower median of each row in torch's
+    order, or the row's first NaN where it has one (as torch's). A dim of symbolic size keeps TVM's."""
+    x, emit = importer.env[node.args[0]], importer.block_builder.emit
+    shape = list(x.ty.shape)
+    dim, keepdim = node.args[1] % len(shape), _arg(node, 2, "keepdim", False)
+    if not isinstance(shape[dim], tirx.IntImm):
+        return importer._median(node)
+    middle = (int(shape[dim]) - 1) // 2
+    key = _key(importer, x)
+    order = emit(relax.op.argsort(key, dim, False, dtype="int64"))
+    indices = emit(relax.op.strided_slice(order, [dim], [middle], [middle + 1]))
+    if key is not x:  # a float row with a NaN: its first NaN (NaN has the largest key)
+        first_nan = emit(relax.op.argmax(key, dim, keepdims=True))
+        top = emit(relax.op.gather_elements(key, first_nan, axis=dim))
+        has_nan = emit(relax.op.equal(top, relax.const(_nan_key(str(x.ty.dtype)), str(key.ty.dtype))))
+        indices = emit(relax.op.where(has_nan, first_nan, indices))
+    values = emit(relax.op.gather_elements(x, indices, axis=dim))
+    if not keepdim:
+        values, indices = emit(relax.op.squeeze(values, [dim])), emit(relax.op.squeeze(indices, [dim]))
+    return emit(relax.Tuple([values, indices]))
+
+
+def _nan_key(dtype: str) -> int:
+    """NaN's key in ``order_key`` (``nan_largest``) for a float ``dtype``."""
+    return (1 << (int(BITS[dtype][0].removeprefix("int")) - 1)) - 1
+
+
 CONVERTERS = {
+    "median.dim": convert_median,
     "argmax.default": arg_extremum(largest=True),
     "argmin.default": arg_extremum(largest=False),
     "max.dim": extremum_with_index(largest=True),

@@ -12,6 +12,7 @@ import warnings
 
 from torch import nn
 
+from structfx.errors import module_place
 from structfx.passes.recording import preserved_state
 
 
@@ -51,7 +52,7 @@ def warn_training_mode(model: nn.Module, stacklevel: int) -> None:
     forward reads ``self.training`` (Dropout, BatchNorm, a custom module that branches on it): the
     compiled model keeps the eval behaviour. Modules whose forward does not read the mode are not named."""
     named = [
-        f"{type(module).__name__} at {name or '(the model)'}"
+        module_place(name, type(module).__name__)
         for name, module in model.named_modules()
         if module.training and "training" in getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
     ]

@@ -25,7 +25,7 @@ def filter_keeps(filter_fn: FilterFn, site: Site) -> bool:
     try:
         return bool(filter_fn(site.name, site.module))
     except Exception as e:
-        raise StructfxError(f"filter_fn raised on {site.name} ({type(site.module).__name__}): {e}") from e
+        raise StructfxError(f"filter_fn raised on {site.place}: {e}") from e
 
 
 def prefit(

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.operator_schemas import normalize_function
 
+from structfx.errors import module_place
+
 SiteKind = Literal["dense", "relu", "pool"]
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
 RELU_FUNCTIONS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
@@ -70,6 +72,14 @@ class Site:
     input_shape: tuple[int, ...] | None = None
     channel_axis: int | None = None  # for ReLUs: the dim a max-plus mixes (from the producer, see axes.py)
     samples: list[Tensor] = field(default_factory=list)  # recorded inputs: calibration, else example
+
+    @property
+    def place(self) -> str:
+        """How messages name the site: a module by its path and class (``module 'features.0' (Linear)``), a
+        functional call by its graph node under the module that makes it (``call 'block.relu_1' (relu_)``)."""
+        if self.node is None or self.node.op == "call_module":
+            return module_place(self.name, type(self.module).__name__)
+        return f"call '{self.name}' ({getattr(self.node.target, '__name__', self.node.target)})"
 
     @property
     def features(self) -> int | None:

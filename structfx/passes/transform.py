@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from structfx import registry
-from structfx.errors import StructfxError, require_module
+from structfx.errors import StructfxError, module_place, require_module
 from structfx.nn import InPlace
 from structfx.nn.fitting import relative_error
 from structfx.passes import cost
@@ -108,7 +108,7 @@ def transform(
             except StructfxError:
                 raise
             except Exception as e:  # a fault in the rewrite itself: still named, with where it happened
-                where = rewriter.rows[-1].name if rewriter.rows else "<model>"
+                where = f"'{rewriter.rows[-1].name}'" if rewriter.rows else "none"
                 raise StructfxError(
                     f"transform failed while rewriting (last layer visited: {where}): {type(e).__name__}: {e}; "
                     f"keep that part out with filter_fn and report the model to structfx"
@@ -147,11 +147,18 @@ def _failing_call(model: nn.Module, batches: list[tuple]) -> tuple[int, str]:
     """(batch index, path of the innermost module running) where the model raises: the batches are run
     again with hooks that track which modules have started and not finished."""
     running: list[str] = []
-    names = {m: name or f"<model> ({type(m).__name__})" for name, m in model.named_modules()}
+    names = {m: module_place(name, type(m).__name__) for name, m in model.named_modules()}
+
+    def started(module, args) -> None:
+        running.append(names[module])
+
+    def finished(module, args, output) -> None:  # returns None: a forward hook's result replaces the output
+        running.pop()
+
     handles = []
     for module in names:
-        handles.append(module.register_forward_pre_hook(lambda m, args: running.append(names[m])))
-        handles.append(module.register_forward_hook(lambda m, args, out: running.pop()))
+        handles.append(module.register_forward_pre_hook(started))
+        handles.append(module.register_forward_hook(finished))
     try:
         with torch.no_grad(), evaluation_mode(model):
             for index, batch in enumerate(batches):
@@ -413,9 +420,8 @@ class _Rewriter:
         except StructfxError:
             raise
         except Exception as e:
-            node = "" if site.node is None else f" (node {site.node.name})"
             raise StructfxError(
-                f"{type(rule).__name__} could not convert {site.name}{node}: {type(e).__name__}: {e}; "
+                f"{type(rule).__name__} could not convert {site.place}: {type(e).__name__}: {e}; "
                 f"keep this layer with filter_fn"
             ) from e
         row.status, row.params_new, row.ops_new = "replaced", cost.parameter_count(new), cost.ops_per_row(new)

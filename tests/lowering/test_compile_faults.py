@@ -266,9 +266,11 @@ class Dropping(nn.Module):
 def test_compile_warns_of_modules_in_training_mode_and_leaves_the_mode():
     torch.manual_seed(0)
     model, x = Dropping(), torch.randn(4, 16)
-    with pytest.warns(UserWarning, match=r"compile runs the model in eval mode: Dropout at dropout is in training "
-                                         r"mode; call model.eval\(\) first"):
+    with pytest.warns(UserWarning, match=r"compile runs the model in eval mode: module 'dropout' \(Dropout\) is in "
+                                         r"training mode; call model.eval\(\) first"):
         compiled = sfx.compile(model, x)
+    with pytest.warns(UserWarning, match=r"eval mode: module '1' \(Dropout\) is in training mode"):
+        sfx.compile(nn.Sequential(nn.Linear(16, 16), nn.Dropout()), x)
     assert model.training and model.dropout.training
     with torch.no_grad():
         assert _relative(compiled(x), model.eval()(x)) < 1e-5  # the eval behaviour, as the warning says

@@ -73,3 +73,25 @@ def test_integer_sort_and_argmax_are_unchanged():
     got, want = sfx.compile(model, x)(x), model(x)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+class Median(nn.Module):
+    def forward(self, x):
+        return x.median(1), x.median(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_median_is_the_first_nan_of_a_row_with_one_and_the_lower_median_otherwise(dtype):
+    """torch.median does not say which of tied medians' indices it returns: where a row has no NaN, the values
+    must be torch's and the indices point at them; where it has one, the first NaN's index is torch's answer."""
+    model = Median().eval()
+    compiled = sfx.compile(model, _rows(8, dtype, 0))
+    x = _rows(31, dtype, 6)
+    has_nan = x.isnan().any(1)
+    assert has_nan.any() and not has_nan.all()
+    for got, want in zip(compiled(x), model(x), strict=True):
+        values, indices = got.values.reshape(-1), got.indices.reshape(-1)
+        assert torch.equal(values.isnan(), want.values.reshape(-1).isnan())
+        assert torch.equal(values.nan_to_num(), want.values.reshape(-1).nan_to_num())
+        assert torch.equal(indices[has_nan], want.indices.reshape(-1)[has_nan])
+        assert _same_bits(x.gather(1, indices[:, None])[:, 0], values)

@@ -17,7 +17,7 @@ def test_calibration_of_the_wrong_shape():
 
 
 def test_k_larger_than_the_layer():
-    with pytest.raises(sfx.StructfxError, match=r"MaxPlus\(k=80\) exceeds the in_features=64 of 1"):
+    with pytest.raises(sfx.StructfxError, match=r"MaxPlus\(k=80\) exceeds the in_features=64 of module '1' \(ReLU\)"):
         sfx.transform(_mlp(), sfx.MaxPlus(k=80), example_inputs=torch.randn(4, 64))
 
 
@@ -81,3 +81,33 @@ def test_a_layer_skipped_for_state_its_forward_changes_says_so():
     assert skipped.keys() == {"l", "relu"}
     assert all("its output depends on state its forward changes (buffer cnt)" in why for why in skipped.values())
     assert model.cnt.item() == 0 and result.cnt.item() == 0
+
+
+def test_a_failing_child_of_nested_sequentials_is_named_by_path_and_class():
+    """The hooks that find the failing module returned its name from the forward hook, which replaced each
+    module's output with a string: the next module failed instead ("in 1" for a fault in '2.0')."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(16, 4)))
+    with pytest.raises(sfx.StructfxError, match=r"fails on example_inputs in module '2.0' \(Linear\): RuntimeError"):
+        sfx.transform(model, sfx.BTT(), example_inputs=torch.randn(2, 8))
+
+
+def test_a_failing_model_itself_is_named_as_such():
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise ValueError("no forward")
+
+    with pytest.raises(sfx.StructfxError, match=r"fails on example_inputs in the model itself \(Broken\): ValueError"):
+        sfx.transform(Broken(), sfx.BTT(), example_inputs=torch.randn(2, 8))
+
+
+def test_a_functional_site_is_named_as_a_call():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    with pytest.raises(sfx.StructfxError, match=r"exceeds the in_features=64 of call 'relu' \(relu\)"):
+        sfx.transform(Functional(), sfx.MaxPlus(k=80), example_inputs=torch.randn(4, 64))

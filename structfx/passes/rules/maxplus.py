@@ -43,7 +43,7 @@ def relu_to_maxplus(rule: MaxPlus, site: Site) -> nn.Module:
     features = site.features
     if rule.k > features:
         raise StructfxError(
-            f"MaxPlus(k={rule.k}) exceeds the in_features={features} of {site.name}: choose k <= {features} "
+            f"MaxPlus(k={rule.k}) exceeds the in_features={features} of {site.place}: choose k <= {features} "
             f"or keep small layers out with min_features / filter_fn"
         )
     layer_type = SparseMaxPlus if axis == len(shape) - 1 else ChannelMaxPlus

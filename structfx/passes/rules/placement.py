@@ -31,7 +31,7 @@ def site_placement(site: Site) -> tuple[torch.dtype, torch.device]:
     if dtype not in SUPPORTED_DTYPES:
         supported = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
         raise StructfxError(
-            f"{site.name} computes in {str(dtype).removeprefix('torch.')}, which structfx layers do not support "
+            f"{site.place} computes in {str(dtype).removeprefix('torch.')}, which structfx layers do not support "
             f"({supported}): convert the model (e.g. model.float()) or keep this layer with filter_fn"
         )
     return dtype, device

@@ -69,7 +69,8 @@ def test_spm_fits_in_float32_and_runs_in_the_model_dtype(dtype):
 def test_an_unsupported_dtype_is_named():
     model = nn.Sequential(nn.Linear(64, 64, dtype=torch.complex64))
     x = torch.randn(4, 64, dtype=torch.complex64)
-    with pytest.raises(sfx.StructfxError, match=r"0 computes in complex64, which structfx layers do not support"):
+    message = r"module '0' \(Linear\) computes in complex64, which structfx layers do not support"
+    with pytest.raises(sfx.StructfxError, match=message):
         transformed(model, sfx.BTT(rank=4), (x,))
 
 
