@@ -37,6 +37,10 @@ KERNEL, ACCUMULATE = "conv_packed", "conv_packed_accumulate"
 #: Vector registers a tile leaves for its weight vectors and broadcast input (AVX2's 16 hold 12
 #: accumulators); at least MIN_ACCUMULATORS keep two FMA pipes of latency 4 busy.
 SPARE_REGISTERS, MIN_ACCUMULATORS = 4, 8
+#: Vectors of output channels a tile holds at most. Tiles of 3 or 4 ran 3 to 10x slower than tiles of 2
+#: with as many or fewer accumulators (1x1 conv 16->48 on 8x32x32, AVX2, one thread: 4.5 ms with 3x4 or
+#: 3x3, 1.0-1.1 ms with 2x4 or 2x6; 32->96: 15.9 ms against 2.7 ms), so wider ones are not tried.
+MAX_VECTORS = 2
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,12 @@ def choose_tile(out_rows: int, out_cols: int, channels_per_group: int, channels:
     ``vectors * lanes`` (which must divide ``channels_per_group`` where there are several groups),
     columns padded to a whole number of ``cols``, ``rows`` a divisor of ``out_rows``; tiles of fewer
     than MIN_ACCUMULATORS accumulators count as proportionally slower (FMA latency is exposed); ties go
-    to the fewest loads per FMA. At most the target's vector registers less SPARE_REGISTERS accumulators."""
+    to the fewest loads per FMA. At most the target's vector registers less SPARE_REGISTERS accumulators,
+    and at most MAX_VECTORS vectors of channels."""
     best, best_cost = None, None
     grouped = channels_per_group != channels
     most = registers(lanes) - SPARE_REGISTERS
-    for vectors in range(1, most + 1):
+    for vectors in range(1, min(most, MAX_VECTORS) + 1):
         width = vectors * lanes
         if grouped and channels_per_group % width:
             continue
