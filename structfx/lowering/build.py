@@ -21,6 +21,7 @@ from structfx.lowering.export import example_arguments, export_for_compile, inpu
 from structfx.lowering.fusion import unbroadcast_matmul_weights
 from structfx.lowering.graph_fixes import prepare_for_import
 from structfx.lowering.nan_propagation import propagate_nan
+from structfx.lowering.ops.common import is_ours
 from structfx.lowering.packing import lift_weight_packing
 from structfx.lowering.parallel_grain import BUILD_CONFIG, apply_parallel_grain
 from structfx.lowering.pool_windows import clip_pool_windows
@@ -71,7 +72,7 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     warn_state_updates(model, updated)
     mod, params = lower_to_relax(program, tvm_target)
     mod = schedule_module(legalize_module(mod, tvm_target), tvm_target, database)
-    kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint.startswith("structfx_"))
+    kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if is_ours(gv.name_hint))
     try:
         with tvm.transform.PassContext(config=BUILD_CONFIG):
             executable = tvm.compile(mod, target=tvm_target)

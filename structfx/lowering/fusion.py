@@ -10,8 +10,9 @@ contiguously; dense layers on flattened rows keep their reshapes views and their
 on their rows (``structfx.lowering.rows``), so those fuse into the kernel's epilogue. On the CPU exp,
 erf, tanh, sigmoid, SiLU, GELU and softmax legalize to TVM's vectorisable approximations
 (``structfx.lowering.fast_math``) instead of scalar libm calls. Our own kernels (PrimFuncs named
-``structfx_*``) are marked opaque, so fusion leaves them, their names and their block names as they are:
-their schedule rules, ``CompiledModel.kernels`` and tuning's task extraction find them by those names.
+``structfx_*``) are marked opaque, so fusion leaves them and their block names as they are, except those
+their converter marked fusible with an epilogue (BTT on the CPU): fusion adds the elementwise ops after them
+to the kernel (named ``fused_structfx_*`` then), and their schedule rules find them by their block names.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from structfx.lowering.batched_matmul import fold_batched_matmuls
 from structfx.lowering.compat import Target, relax, tirx, tvm
 from structfx.lowering.fast_math import fast_math_legalizations
+from structfx.lowering.lifting import OUT_ELEMWISE_FUSABLE
 from structfx.lowering.rows import plain_rows
 
 #: TVM's OpPatternKind kOpaque: FuseOps neither fuses into nor out of such a function.
@@ -99,8 +101,11 @@ def _same_dims(a, b) -> bool:
 
 
 def mark_ours_opaque(mod):
-    """Our kernels (``structfx_*``) with ``op_pattern`` set to opaque, whatever the analysis found."""
+    """Our kernels (``structfx_*``) with ``op_pattern`` set to opaque, whatever the analysis found, except
+    those their converter marked fusible with the elementwise ops after them (``fusible_with_epilogue``)."""
     for gv, func in list(mod.functions_items()):
         if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("structfx_"):
-            mod[gv] = func.with_attr("op_pattern", OPAQUE)
+            pattern = func.attrs.get("op_pattern") if func.attrs is not None else None
+            if pattern is None or int(pattern) != OUT_ELEMWISE_FUSABLE:
+                mod[gv] = func.with_attr("op_pattern", OPAQUE)
     return mod

@@ -53,9 +53,9 @@ def _cpu_schedule(rows):
     def dims(*extents):
         return [e if isinstance(e, tirx.Var) else tirx.IntImm("int64", e) for e in extents]
 
-    x = te.placeholder(dims(rows, 8, 16), name="x")
+    x = te.placeholder(dims(rows, 8 * 16), name="x")
     w1, w2 = te.placeholder(dims(8, 16, 4 * 16), name="w1"), te.placeholder(dims(16, 4 * 8, 8), name="w2")
-    bias = te.placeholder(dims(16, 8), name="bias")
+    bias = te.placeholder(dims(16 * 8), name="bias")
     sch = BTTCPU().apply(te.create_prim_func([x, w1, w2, bias, btt_te(x, w1, w2, bias)]), AVX2, False)
     assert sch is not None
     return sch

@@ -9,7 +9,8 @@ tile of rows, so z never leaves the cache.
 
 from __future__ import annotations
 
-from structfx.lowering.compat import Schedule, Target, relax, te
+from structfx.lowering.compat import Schedule, Target, relax, te, tirx, tvm
+from structfx.lowering.lifting import fusible_with_epilogue
 from structfx.lowering.ops.common import (
     OpScheduleRule,
     as_rows,
@@ -23,6 +24,8 @@ from structfx.lowering.ops.common import (
     tile_multiple,
     vector_lanes,
 )
+from structfx.lowering.schedule_rules.analysis import inline_elementwise_epilogue, root_blocks
+from structfx.lowering.schedule_rules.spatial import parallel_vectorized
 
 STAGE1, STAGE2, OUT = "structfx_btt_stage1", "structfx_btt_stage2", "structfx_btt_out"
 ROWS = 4  # rows of a register tile, and of a parallel task; the batch is padded to a multiple of it
@@ -30,51 +33,74 @@ PANEL = 2  # vectors of columns in a register tile: ROWS x PANEL accumulators, a
 
 
 def btt_te(x: te.Tensor, w1: te.Tensor, w2: te.Tensor, bias: te.Tensor | None, tile: int = ROWS) -> te.Tensor:
-    """x (B, m1, m0), w1 (m1, m0, r n0), w2 (n0, r m1, n1), bias (n0, n1) -> (B, n0, n1). Both stages
-    run on B rounded up to ``tile`` rows (input reads clamped), so register tiles of ``tile`` rows
-    split them exactly; the padded rows are never stored."""
-    rows, m1, m0 = x.shape
+    """x (*outer, rows, n_in), n_in <= m1 m0 (the rest read as zeros), w1 (m1, m0, r n0), w2 (n0, r m1, n1), bias
+    (n0 n1,) -> (*outer, rows, n0 n1). The rows are x's last leading dim, the other leading dims (batch, ...)
+    outer loops: taking and giving x's shape as it is (no reshape to (rows, n) around the kernel) lets fusion
+    put the ops on the result (bias, activation, residual add) into the kernel as its epilogue. Both stages
+    run on the rows rounded up to ``tile`` (input reads clamped to the last row), so register tiles of ``tile``
+    rows split them exactly; the padded rows are never stored."""
+    *outer, rows, n_in = x.shape
+    m1, m0, _ = w1.shape
     n0, rm1, n1 = w2.shape
     rank = rm1 // m1
     padded = tile_multiple(rows, tile)
+
+    def read(index, b, i):
+        value = x[(*index, last_row(b, rows), i)]
+        return value if _same(n_in, m1 * m0) else tirx.if_then_else(i < n_in, value, tirx.const(0, x.dtype))
+
     i0 = te.reduce_axis((0, m0), "i0")
-    z = te.compute(
-        (padded, m1, w1.shape[2]),
-        lambda b, i1, c: te.sum(x[last_row(b, rows), i1, i0] * w1[i1, i0, c], axis=i0),
-        name=STAGE1,
-    )
+
+    def stage1(*index):
+        *index, b, i1, c = index
+        return te.sum(read(index, b, i1 * m0 + i0) * w1[i1, i0, c], axis=i0)
+
+    z = te.compute((*outer, padded, m1, w1.shape[2]), stage1, name=STAGE1)
     i1, s = te.reduce_axis((0, m1), "i1"), te.reduce_axis((0, rank), "s")
-    acc = te.compute(
-        (padded, n0, n1),
-        lambda b, j0, j1: te.sum(z[b, i1, j0 * rank + s] * w2[j0, i1 * rank + s, j1], axis=[i1, s]),
-        name=STAGE2,
-    )
-    if bias is None:
-        return te.compute((rows, n0, n1), lambda b, j0, j1: acc[b, j0, j1], name=OUT)
-    return te.compute((rows, n0, n1), lambda b, j0, j1: acc[b, j0, j1] + bias[j0, j1], name=OUT)
+
+    def stage2(*index):
+        *index, b, j0, j1 = index
+        return te.sum(z[(*index, b, i1, j0 * rank + s)] * w2[j0, i1 * rank + s, j1], axis=[i1, s])
+
+    acc = te.compute((*outer, padded, n0, n1), stage2, name=STAGE2)
+
+    def out(*index):
+        *index, b, j = index
+        value = acc[(*index, b, j // n1, j % n1)]
+        return value if bias is None else value + bias[j]
+
+    return te.compute((*outer, rows, n0 * n1), out, name=OUT)
+
+
+def _same(a, b) -> bool:
+    return tvm.sym.Analyzer().can_prove_equal(a, b)
 
 
 def convert_btt(node, importer, target: Target):
+    """On the CPU the kernel takes x as it is and is marked fusible with the elementwise ops after it, unless x
+    is 1-D or 2-D, or its last leading dim is a static extent that padding to the row tile would grow by more
+    than a quarter ((B, 1, n), (B, 3, n)): then, and on CUDA (whose rule schedules the kernel alone), it takes
+    x as rows (B', n), reshaped."""
     x, w1, w2, bias = (None if a is None else importer.env[a] for a in node.args[:4])
     out_features = node.args[4]
     bb = importer.block_builder
-    m1, m0, _ = (int(v) for v in importer.shape_of(w1))
     n0, _, n1 = (int(v) for v in importer.shape_of(w2))
-    rows, leading = as_rows(importer, x)
-    batch, n_in = importer.shape_of(rows)
-    if int(n_in) < m0 * m1:
-        rows = bb.emit(relax.op.nn.pad(rows, [0, 0, 0, m0 * m1 - int(n_in)]))
-    x3 = bb.emit(relax.op.reshape(rows, [batch, m1, m0]))
-    if bias is not None:
-        if out_features < n0 * n1:
-            bias = bb.emit(relax.op.nn.pad(bias, [0, n0 * n1 - out_features]))
-        bias = bb.emit(relax.op.reshape(bias, [n0, n1]))
-    tile = ROWS if target.kind.name == "llvm" else GPU_ROWS
-    y = bb.emit_te(btt_te, x3, w1, w2, bias, tile, primfunc_name_hint="structfx_btt")
-    y = bb.emit(relax.op.reshape(y, [batch, n0 * n1]))
+    cpu = target.kind.name == "llvm"
+    tile = ROWS if cpu else GPU_ROWS
+    shape = list(importer.shape_of(x))
+    whole = cpu and len(shape) > 2 and not (
+        isinstance(shape[-2], tirx.IntImm) and -(-int(shape[-2]) // tile) * tile * 4 > int(shape[-2]) * 5)
+    leading = None
+    if not whole:
+        x, leading = as_rows(importer, x)
+    if bias is not None and out_features < n0 * n1:
+        bias = bb.emit(relax.op.nn.pad(bias, [0, n0 * n1 - out_features]))
+    call = bb.call_te(btt_te, x, w1, w2, bias, tile, primfunc_name_hint="structfx_btt")
+    y = bb.emit(fusible_with_epilogue(bb, call) if cpu else call)
     if out_features < n0 * n1:
-        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[out_features]))
-    return from_rows(importer, y, leading, out_features)
+        axis = len(importer.shape_of(y)) - 1
+        y = bb.emit(relax.op.strided_slice(y, axes=[axis], begin=[0], end=[out_features]))
+    return y if whole else from_rows(importer, y, leading, out_features)
 
 
 class BTTCPU(OpScheduleRule):
@@ -94,14 +120,21 @@ class BTTCPU(OpScheduleRule):
         stage1, stage2, out = (find_block(sch, name) for name in (STAGE1, STAGE2, OUT))
         if None in (stage1, stage2, out):
             return False
+        names = [sch.get(block).name_hint for block in root_blocks(sch)]
+        before = root_blocks(sch)[:names.index(STAGE1)]
+        found = inline_elementwise_epilogue(sch, stage2, sch.get(out).writes[0].source.shape)
+        if found is None or found[0] is None:
+            return False
+        out, after = found
         lanes = vector_lanes(target)
-        m1, width1, m0 = (_extent(sch, stage1, n) for n in (1, 2, 3))
-        n1, rank = _extent(sch, stage2, 2), _extent(sch, stage2, 4)
+        m1, width1, m0 = (_extent(sch, stage1, n) for n in (-3, -2, -1))
+        n1, rank = _extent(sch, stage2, -3), _extent(sch, stage2, -1)
 
-        b, j0, j1 = sch.get_loops(out)
+        outer, b, j0, j1 = _output_loops(sch, out, n1)
         b_tile, b_row = sch.split(b, [None, ROWS])
         j1_tile, j1_lane = split_tile(sch, j1, n1, _panel(sch, lanes, n1, tunable))
-        sch.reorder(b_tile, j0, *present(j1_tile), b_row, j1_lane)
+        sch.reorder(*outer, b_tile, j0, *present(j1_tile), b_row, j1_lane)
+        b_tile = sch.fuse(*outer, b_tile) if outer else b_tile
         sch.parallel(b_tile)
         sch.unroll(b_row)
         sch.vectorize(j1_lane)
@@ -120,7 +153,16 @@ class BTTCPU(OpScheduleRule):
         _micro_kernel(sch, stage1, [s_i0], s_b, c_lane)
         store_loops = sch.get_loops(store)
         sch.vectorize(store_loops[-1])
+        for block in before + after:  # the input's stages fusion put first, the ops after the epilogue
+            parallel_vectorized(sch, block, lanes)
         return True
+
+
+def _output_loops(sch: Schedule, out, n1: int) -> tuple:
+    """The output's loops as ([outer leading dims], rows, j0, j1): its columns split by n1."""
+    *outer, rows, columns = sch.get_loops(out)
+    j0, j1 = sch.split(columns, [None, n1])
+    return outer, rows, j0, j1
 
 
 def _extent(sch: Schedule, block, n: int) -> int:
@@ -163,7 +205,7 @@ class BTTCUDA(OpScheduleRule):
         sch.reorder(threads, i0)
         sch.reverse_compute_at(sch.cache_write(stage1, 0, "local"), threads)
 
-        b, j0, j1 = sch.get_loops(out)
+        _, b, j0, j1 = _output_loops(sch, out, _extent(sch, stage2, 2))  # x is 2-D here (convert_btt)
         blocks, threads = _thread_tile(sch, b, j0, j1)
         sch.compute_at(stage2, threads)
         sch.set_scope(stage2, 0, "local")

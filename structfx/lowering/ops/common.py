@@ -8,6 +8,15 @@ import operator
 
 from structfx.lowering.compat import Schedule, ScheduleRule, Target, codegen, relax, tirx, tvm
 
+#: Name prefix of our ops' kernels (their TE computes'); fusion names one with an epilogue fused in
+#: ``fused_structfx_*`` (TVM's FuseOps: "fused_" and the names of the functions it merged).
+OUR_PREFIX = "structfx_"
+
+
+def is_ours(kernel_name: str) -> bool:
+    """Whether a PrimFunc of that name is one of our ops' kernels, alone or with an epilogue fused in."""
+    return kernel_name.startswith((OUR_PREFIX, "fused_" + OUR_PREFIX))
+
 
 def vector_lanes(target: Target) -> int:
     """float32 lanes of the target's widest usable vector register (8 for AVX2, 16 for AVX-512)."""

@@ -1,12 +1,12 @@
 """What there is to tune in a model: every kernel whose design space samples something, as a PrimFunc
 with the batch fixed for measuring.
 
-Our kernels (``structfx_*``) are searched over their hand schedules' knobs (``OpScheduleRule.schedule`` with
-``tunable=True``); every other kernel over MetaSchedule's standard CPU design space (``PostOrderApply``
-with the target's default schedule rules: multi-level tiling, parallelisation, vectorisation, unrolling,
-and its default postprocessors). A kernel whose space has no sampled decision has one schedule only
-(e.g. a reduction under a rule whose knobs are for elementwise loops): it is not a task, so no trial is
-spent measuring the same schedule again.
+Our kernels (``structfx_*``, ``fused_structfx_*`` with an epilogue) are searched over their hand schedules'
+knobs (``OpScheduleRule.schedule`` with ``tunable=True``); every other kernel over MetaSchedule's standard CPU
+design space (``PostOrderApply`` with the target's default schedule rules: multi-level tiling,
+parallelisation, vectorisation, unrolling, and its default postprocessors). A kernel whose space has no
+sampled decision has one schedule only (e.g. a reduction under a rule whose knobs are for elementwise
+loops): it is not a task, so no trial is spent measuring the same schedule again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import types
 from dataclasses import dataclass
 
 from structfx.lowering.compat import Schedule, Target, meta_schedule, tirx, tvm
-from structfx.lowering.ops.common import OpScheduleRule
+from structfx.lowering.ops.common import OpScheduleRule, is_ours
 from structfx.lowering.schedules import schedule_rules_for
 
 ms = meta_schedule
@@ -25,8 +25,6 @@ ms = meta_schedule
 #: The rows tuning measures at (and the key its records are filed under): a kernel's symbolic sizes are
 #: fixed so that their product is TUNING_ROWS (all of it for the batch alone; 16 x 16 for batch x sequence).
 TUNING_ROWS = 256
-#: Kernel names of our own ops (what their TE computes are called); everything else is TVM's.
-OUR_PREFIX = "structfx_"
 
 
 @dataclass
@@ -106,7 +104,7 @@ def extract_tasks(mod: tvm.IRModule, target: Target) -> list[Task]:
             hand = hand_schedule(workload, target)
             if hand is None:
                 continue
-            if gv.name_hint.startswith(OUR_PREFIX):
+            if is_ours(gv.name_hint):
                 rule = our_schedule_rule(workload["main"], target)
                 space = knob_space(rule, target) if rule is not None and rule.has_knobs else None
             else:
