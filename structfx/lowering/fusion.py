@@ -9,10 +9,15 @@ transposed copy of the weights per call, and the matmul schedule rule's dot-prod
 contiguously; dense layers on flattened rows keep their reshapes views and their elementwise neighbours
 on their rows (``structfx.lowering.rows``), so those fuse into the kernel's epilogue. On the CPU exp,
 erf, tanh, sigmoid, SiLU, GELU and softmax legalize to TVM's vectorisable approximations
-(``structfx.lowering.fast_math``) instead of scalar libm calls. Our own kernels (PrimFuncs named
-``structfx_*``) are marked opaque, so fusion leaves them and their block names as they are, except those
-their converter marked fusible with an epilogue (BTT on the CPU): fusion adds the elementwise ops after them
-to the kernel (named ``fused_structfx_*`` then), and their schedule rules find them by their block names.
+(``structfx.lowering.fast_math``) instead of scalar libm calls, and attention's softmax with its guard for
+rows of masked keys is one kernel (``structfx.lowering.safe_softmax``). Last, every copy kernel that only
+reshapes becomes a view (``RewriteDataflowReshape``: ``vm.builtin.reshape``, no copy): ``tvm.compile`` runs
+that pass too, but after our schedules, and a scheduled copy (split, vectorised, parallel) no longer reads
+as a reshape, so every head split, head merge and flattening around attention stayed a copy. Our own
+kernels (PrimFuncs named ``structfx_*``) are marked opaque, so fusion leaves them and their block names as
+they are, except those their converter marked fusible with an epilogue (BTT on the CPU): fusion adds the
+elementwise ops after them to the kernel (named ``fused_structfx_*`` then), and their schedule rules find
+them by their block names.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from structfx.lowering.compat import Target, relax, tirx, tvm
 from structfx.lowering.fast_math import fast_math_legalizations
 from structfx.lowering.lifting import OUT_ELEMWISE_FUSABLE
 from structfx.lowering.rows import plain_rows
+from structfx.lowering.safe_softmax import fuse_safe_softmax
 
 #: TVM's OpPatternKind kOpaque: FuseOps neither fuses into nor out of such a function.
 OPAQUE = 8
@@ -33,13 +39,14 @@ def legalize_and_fuse(mod, target: Target):
     with target:
         if cpu:
             mod = fold_batched_matmuls(unbroadcast_matmul_weights(mod), target)
-            mod = plain_rows(fuse_transpose_matmul(mod))
+            mod = fuse_safe_softmax(plain_rows(fuse_transpose_matmul(mod)))
         mod = relax.transform.LegalizeOps(fast_math_legalizations() if cpu else None)(mod)
         mod = relax.transform.AnnotateTIROpPattern()(mod)
         mod = mark_ours_opaque(mod)
         mod = relax.transform.FuseOps()(mod)
         mod = relax.transform.FuseTIR()(mod)
-        return relax.transform.DeadCodeElimination()(mod)
+        mod = relax.transform.DeadCodeElimination()(mod)
+        return relax.transform.RewriteDataflowReshape()(mod)
 
 
 def fuse_transpose_matmul(mod):

@@ -12,8 +12,9 @@ Around those kernels, ``plain_rows`` keeps every tensor that is only a reshape o
 a *view* and moves elementwise work onto the rows:
 
 - A reshape of a (rows, N) tensor reads it through a ``match_cast`` back to (b * s, N): its TIR is then a
-  plain copy Relax recognises as a view (``RewriteDataflowReshape`` makes it ``vm.builtin.reshape``, no
-  kernel); on (rows, N) directly, TVM indexes it ``% rows`` and it stays a copy kernel.
+  plain copy Relax recognises as a view (``RewriteDataflowReshape``, run at the end of legalization while
+  the copy is still unscheduled, makes it ``vm.builtin.reshape``, no kernel); on (rows, N) directly, TVM
+  indexes it ``% rows`` and it stays a copy kernel.
 - An elementwise op (activation, bias or residual add, scale) on reshapes of (rows, N) tensors runs on the
   (rows, N) tensors themselves, the result reshaped (a view) afterwards: FuseOps then fuses it into the
   dense kernel's epilogue (a reshape between them would stop the fusion). Its other full-size operands

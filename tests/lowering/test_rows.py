@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import structfx as sfx
-from structfx.lowering.build import legalize_module, lower_to_relax
+from structfx.lowering.build import legalize_module, lower_to_relax, schedule_module
 from structfx.lowering.compat import relax, tirx, tvm
 from structfx.lowering.export import export_for_compile
 from structfx.lowering.target import host_target
@@ -48,12 +48,30 @@ class Heads(nn.Module):
         return (self.q(x).view(b, s, 2, w // 2) * 0.25).transpose(1, 2)
 
 
+class SelfAttention(nn.Module):
+    """A ViT block's attention: layer norm, q/k/v projections split into heads, SDPA, heads merged, output
+    projection."""
+
+    def __init__(self, width: int, heads: int = 2) -> None:
+        super().__init__()
+        self.norm, self.heads = nn.LayerNorm(width), heads
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        b, s, w = x.shape
+        h = self.norm(x)
+        q, k, v = (p(h).view(b, s, self.heads, w // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, s, w)) + x
+
+
 MODELS = {
     "ffn_gelu": lambda: FeedForward(24, 40, nn.GELU()),
     "ffn_gelu_tanh": lambda: FeedForward(24, 40, nn.GELU(approximate="tanh")),
     "ffn_relu_odd": lambda: FeedForward(19, 37, nn.ReLU()),
     "gated_mlp": lambda: GatedMLP(24, 56),
     "heads": lambda: Heads(24),
+    "self_attention": lambda: SelfAttention(24),
 }
 
 
@@ -123,3 +141,17 @@ def test_reshape_of_dense_rows_reads_them_as_a_view():
         if isinstance(func, tirx.PrimFunc):
             assert "% rows" not in func.script() and "rows" not in gv.name_hint
     assert not [k for k in _kernels_called(mod) if k.startswith("reshape")]
+
+
+def test_reshapes_stay_views_once_scheduled():
+    """``structfx.compile`` schedules every kernel before ``tvm.compile`` runs RewriteDataflowReshape, and a
+    scheduled copy (split, vectorised, parallel) no longer reads as a reshape: legalization makes them views
+    first. Here the flattening of the layer norm's output for the projections and the heads' split and merge
+    around attention."""
+    target = host_target()
+    model = SelfAttention(24).eval()
+    mod = legalize_module(lower_to_relax(export_for_compile(model, (_input("self_attention", 2, 5),)), target)[0],
+                          target)
+    kernels = _kernels_called(schedule_module(mod, target))
+    assert len([k for k in kernels if "dense_packed" in k]) == 4
+    assert not [k for k in kernels if k.startswith("reshape")]

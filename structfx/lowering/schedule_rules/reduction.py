@@ -9,10 +9,12 @@ a row is read while it is in cache; each reduction is split into ``lanes`` parti
 run as one vector register over the row (``rfactor``), then summed across the lanes; elementwise
 blocks over the row are vectorised. A row length that is not a multiple of ``lanes`` (static or
 symbolic: attention's keys) gets its remainder as a scalar loop after the vector one instead of a
-predicate inside it, which would keep the loop from being vectorised (see ``RowReduction.apply``). Elementwise
-intermediates over the whole row are inlined into their consumers (recomputed: softmax's exp is
-computed for the sum and again for the output), so no scratch row is allocated; per-row scalars are
-computed once per row.
+predicate inside it, which would keep the loop from being vectorised (see ``RowReduction.apply``). An
+elementwise intermediate over the row read by one block is inlined into it; one read by several (softmax's
+exp, read by the sum and by the output) is computed once per row into a scratch row, which TIR's lowering
+shrinks to one row on the stack of the row loop (as ATen's softmax writes exp into its output row, sums
+it, then scales it in place: one exp per element, not two). Per-row scalars are computed once per row;
+the partial accumulators are one vector per row, on the stack too.
 
 This is the partial-sum form of vectorised reductions that ATen's CPU kernels use (``vec::reduce_all``
 over ``Vectorized<float>`` accumulators in ``aten/src/ATen/native/cpu/SoftMaxKernel.cpp`` and
@@ -148,15 +150,16 @@ def _unit(extent) -> bool:
 
 
 def _schedule(sch: Schedule, rows: int, kind: dict, lanes: int) -> None:
-    """Inline the row's elementwise intermediates, split each reduction into ``lanes`` partial accumulators,
-    run every block under one parallel loop over the rows, and vectorise the partial accumulators and the
-    elementwise blocks along the row."""
+    """Inline the row's elementwise intermediates that one block reads (one that several read is computed
+    once per row), split each reduction into ``lanes`` partial accumulators, run every block under one
+    parallel loop over the rows, and vectorise the partial accumulators and the elementwise blocks along
+    the row."""
     *inner, _ = root_blocks(sch)
     for block in inner:
         name = sch.get(block).name_hint
         consumers = sch.get_consumers(block)
         per_row_use = kind[name] == PER_ROW and len(consumers) == 1 and kind[sch.get(consumers[0]).name_hint] == PER_ROW
-        if kind[name] == ELEMENTWISE or per_row_use:
+        if (kind[name] == ELEMENTWISE and len(consumers) == 1) or per_row_use:
             try:
                 sch.compute_inline(block)
             except ScheduleError:
