@@ -25,6 +25,7 @@ does for dense layers, and the compiled ``main`` takes the prepared weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from structfx.lowering.compat import relax, te, tirx, tvm
@@ -37,10 +38,12 @@ KERNEL, ACCUMULATE = "conv_packed", "conv_packed_accumulate"
 #: Vector registers a tile leaves for its weight vectors and broadcast input (AVX2's 16 hold 12
 #: accumulators); at least MIN_ACCUMULATORS keep two FMA pipes of latency 4 busy.
 SPARE_REGISTERS, MIN_ACCUMULATORS = 4, 8
-#: Vectors of output channels a tile holds at most. Tiles of 3 or 4 ran 3 to 10x slower than tiles of 2
-#: with as many or fewer accumulators (1x1 conv 16->48 on 8x32x32, AVX2, one thread: 4.5 ms with 3x4 or
-#: 3x3, 1.0-1.1 ms with 2x4 or 2x6; 32->96: 15.9 ms against 2.7 ms), so wider ones are not tried.
-MAX_VECTORS = 2
+#: Vectors of output channels a tile holds at most where each output sums fewer than SHORT_REDUCTION
+#: products (input channels per group x kernel positions). There tiles of 3 or 4 vectors ran 3 to 10x
+#: slower than tiles of 2 with as many or fewer accumulators (1x1 conv 16->48 on 8x32x32, AVX2, one
+#: thread: 4.5 ms with 3x4 or 3x3, 1.0-1.1 ms with 2x4 or 2x6; 32->96: 15.9 ms against 2.7 ms); over
+#: ResNet's 3x3 convs (288 products and more) the wider tiles were faster (b8 2.8x eager against 2.2x).
+MAX_VECTORS, SHORT_REDUCTION = 2, 128
 
 
 @dataclass(frozen=True)
@@ -53,17 +56,20 @@ class Tile:
     cols: int
 
 
-def choose_tile(out_rows: int, out_cols: int, channels_per_group: int, channels: int, lanes: int) -> Tile:
+def choose_tile(out_rows: int, out_cols: int, channels_per_group: int, channels: int, lanes: int,
+                reduction: int = SHORT_REDUCTION) -> Tile:
     """The tile with the least wasted work per useful FMA: output channels padded to a whole number of
     ``vectors * lanes`` (which must divide ``channels_per_group`` where there are several groups),
     columns padded to a whole number of ``cols``, ``rows`` a divisor of ``out_rows``; tiles of fewer
     than MIN_ACCUMULATORS accumulators count as proportionally slower (FMA latency is exposed); ties go
     to the fewest loads per FMA. At most the target's vector registers less SPARE_REGISTERS accumulators,
-    and at most MAX_VECTORS vectors of channels."""
+    and at most MAX_VECTORS vectors of channels where ``reduction`` (products summed per output) is
+    under SHORT_REDUCTION."""
     best, best_cost = None, None
     grouped = channels_per_group != channels
     most = registers(lanes) - SPARE_REGISTERS
-    for vectors in range(1, min(most, MAX_VECTORS) + 1):
+    widest = MAX_VECTORS if reduction < SHORT_REDUCTION else most
+    for vectors in range(1, min(most, widest) + 1):
         width = vectors * lanes
         if grouped and channels_per_group % width:
             continue
@@ -203,7 +209,9 @@ class _ConvPacker(relax.PyExprMutator):
         if (channels // groups) % self.lanes:
             return call
         out = [int(d) for d in list(call.ty.shape)[2:]]
-        tile = choose_tile(out[-2] if len(out) > 1 else 1, out[-1], channels // groups, channels, self.lanes)
+        reduction = math.prod(int(d) for d in list(weight.ty.shape)[1:])  # input channels per group x kernel
+        tile = choose_tile(out[-2] if len(out) > 1 else 1, out[-1], channels // groups, channels, self.lanes,
+                           reduction)
         packed = self.builder_.emit(pack(weight, tile.vectors * self.lanes))
         strides, padding = [int(s) for s in attrs.strides], [int(p) for p in attrs.padding]
         dilation = [int(d) for d in attrs.dilation]
