@@ -24,6 +24,7 @@ from structfx.lowering.nan_propagation import propagate_nan
 from structfx.lowering.ops.common import is_ours
 from structfx.lowering.packing import lift_weight_packing
 from structfx.lowering.parallel_grain import BUILD_CONFIG, apply_parallel_grain
+from structfx.lowering.pool_divisors import rescale_divisor_overrides
 from structfx.lowering.pool_windows import clip_pool_windows
 from structfx.lowering.schedules import apply_schedules, legalize, schedule_rules_for
 from structfx.lowering.state import restored_state, warn_state_updates
@@ -95,6 +96,7 @@ def lower_to_relax(program, target):
         with torch.no_grad():
             program = prepare_for_import(program)
             clip_pool_windows(program.graph_module)
+            rescale_divisor_overrides(program.graph_module)
             mod = from_exported_program(program, keep_params_as_input=True,
                                         custom_convert_map=converter_map(target), run_ep_decomposition=False)
     except FAILURES as e:
