@@ -125,7 +125,10 @@ def test_a_killed_run_leaves_a_database_that_loads_and_resumes(tmp_path):
     database = tmp_path / "db"
     command = [sys.executable, "-m", "structfx", "tune", f"{tmp_path / 'model.py'}:build",
                "--database", str(database), "--trials", "200"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    scratch = tmp_path / "tmpdir"  # a killed run cannot remove its build directory: keep it out of the real one
+    scratch.mkdir()
+    process = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
         while len(_records(database)) < 3 and time.time() < deadline and process.poll() is None:
