@@ -15,7 +15,9 @@
 - ``div(x, 2, rounding_mode=...)``: TVM's converter divides by an int32 constant, refused for a float
   ``x``; ours makes the scalar the result's dtype (``convert_div_mode``).
 - ``aten.embedding``: TVM's take reads outside the table for an id outside it; ours clamps
-  (``convert_embedding``).
+  (``convert_embedding``). So do tensor indexing with one index tensor (``x[idx]``, ``x[:, idx]``:
+  ``aten.index.Tensor``) and ``index_select``, after wrapping negative indices as torch does
+  (``convert_index``): TVM's ``fast`` take read past the tensor (garbage, or a segfault).
 - Max and min over dims (``aten.amax``, ``amin``: TVM has no converter): a ``max``/``min`` reduction
   (NaN-propagating, as torch's, through ``structfx.lowering.nan_propagation``). ``max.dim``, ``min.dim``,
   ``argmax``, ``argmin``, ``sort``, ``argsort`` and ``topk`` are ``structfx.lowering.ordering``'s.
@@ -164,6 +166,39 @@ def convert_embedding(node: torch.fx.Node, importer) -> relax.Var:
     return emit(relax.op.reshape(rows, [*shape, weight.ty.shape.values[-1]]))
 
 
+def _taken(importer, x, index, axis: int, negative: bool = True) -> relax.Var:
+    """``take(x, index, axis)`` with torch's indices: a negative one counts from the end along a static
+    axis (``negative``: ``x[idx]`` takes them, ``index_select`` does not), and reads are clamped to the
+    axis (``mode="clip"``) where TVM's ``fast`` mode read past it. torch raises IndexError for an index
+    out of range; a kernel cannot, so such an index reads the first or last slice instead of memory past
+    the tensor (index inputs are checked at call time: ``TensorSpec.values``)."""
+    emit = importer.block_builder.emit
+    extent = x.ty.shape.values[axis]
+    if negative and isinstance(extent, tvm.tirx.IntImm):
+        dtype = str(index.ty.dtype)
+        wrapped = emit(relax.op.add(index, relax.const(int(extent), dtype)))
+        index = emit(relax.op.where(emit(relax.op.less(index, relax.const(0, dtype))), wrapped, index))
+    return emit(relax.op.take(x, index, axis=axis, mode="clip"))
+
+
+def convert_index(node: torch.fx.Node, importer) -> relax.Var:
+    """``x[idx]`` with one index tensor (``aten.index.Tensor`` with one non-None index) through
+    ``_taken``; several index tensors keep TVM's converter."""
+    given = [(axis, index) for axis, index in enumerate(node.args[1]) if index is not None]
+    if len(given) != 1:
+        return importer._index_tensor(node)
+    axis, index = given[0]
+    if str(importer.env[index].ty.dtype) == "bool":
+        return importer._index_tensor(node)
+    return _taken(importer, importer.env[node.args[0]], importer.env[index], axis)
+
+
+def convert_index_select(node: torch.fx.Node, importer) -> relax.Var:
+    """``index_select(x, dim, index)`` through ``_taken``."""
+    x = importer.env[node.args[0]]
+    return _taken(importer, x, importer.env[node.args[2]], node.args[1] % len(x.ty.shape.values), negative=False)
+
+
 def convert_div_mode(node: torch.fx.Node, importer) -> relax.Var:
     """``div(x, scalar, rounding_mode=...)`` with the scalar in the result's dtype: TVM's converter makes
     ``2`` an int32 constant, which a float tensor cannot be divided by (``float32 on the LHS ... int32 on
@@ -210,6 +245,8 @@ CONVERTERS = {
     "addmm.default": convert_addmm,
     "linear.default": convert_linear,
     "embedding.default": convert_embedding,
+    "index.Tensor": convert_index,
+    "index_select.default": convert_index_select,
     "div.Tensor_mode": convert_div_mode,
     "div.Scalar_mode": convert_div_mode,
     "amax.default": extremum(relax.op.max),

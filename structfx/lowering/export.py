@@ -311,11 +311,27 @@ def input_specs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
 
 
 def _table_rows(node: torch.fx.Node) -> tuple[int, int] | None:
-    """(0, rows) where ``node`` (an integer input) indexes embedding tables directly, rows the smallest
-    table's; None where it indexes none."""
-    rows = [int(user.args[0].meta["val"].shape[0]) for user in node.users
-            if user.target is torch.ops.aten.embedding.default and user.args[1] is node]
-    return (0, min(rows)) if rows else None
+    """(low, high) of the values torch accepts in ``node`` (an integer input) where it indexes tensors
+    directly: (0, rows) for an embedding table, (-n, n) for ``x[node]`` and (0, n) for ``index_select``
+    along a static dim of n; the narrowest over its uses. None where it indexes nothing."""
+    aten = torch.ops.aten
+    ranges = []
+    for user in node.users:
+        if user.target is aten.embedding.default and user.args[1] is node:
+            ranges.append((0, int(user.args[0].meta["val"].shape[0])))
+            continue
+        if user.target is aten.index.Tensor and [i for i in user.args[1] if i is not None] == [node]:
+            dim, negative = list(user.args[1]).index(node), True
+        elif user.target is aten.index_select.default and user.args[2] is node:
+            dim, negative = user.args[1], False
+        else:
+            continue
+        extent = user.args[0].meta["val"].shape[dim]
+        if isinstance(extent, int):
+            ranges.append((-extent if negative else 0, extent))
+    if not ranges:
+        return None
+    return max(low for low, _ in ranges), min(high for _, high in ranges)
 
 
 def output_specs(program: torch.export.ExportedProgram) -> list[TensorSpec]:

@@ -88,8 +88,8 @@ def check_values(specs: list[TensorSpec], arrays: list) -> None:
         if smallest < low or largest >= high:
             bad = smallest if smallest < low else largest
             raise StructfxError(
-                f"{spec.name} holds {bad}, outside the table it indexes (values from {low} to {high - 1}, as "
-                f"the model's embedding has {high} rows); pass ids the model's vocabulary has"
+                f"{spec.name} holds {bad}, outside the tensor it indexes (torch takes values from {low} to "
+                f"{high - 1} there: an embedding's rows, or a dim of {high}); pass indices within it"
             )
 
 

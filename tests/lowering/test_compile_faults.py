@@ -369,7 +369,7 @@ def test_ids_outside_the_table_are_refused_at_call_time_and_in_the_artifact(tmp_
     for bad in (10, -1, 10**8):
         with pytest.raises(IndexError):
             model(torch.tensor([[1, bad]]))
-        with pytest.raises(StructfxError, match=f"ids holds {bad}, outside the table it indexes"):
+        with pytest.raises(StructfxError, match=f"ids holds {bad}, outside the tensor it indexes"):
             compiled(torch.tensor([[1, bad]]))
     loaded = sfx.runtime.load(compiled.save(tmp_path / "lookup"))
     with pytest.raises(StructfxError, match="ids holds 10, outside"):
