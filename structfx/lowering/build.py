@@ -26,6 +26,7 @@ from structfx.lowering.packing import lift_weight_packing
 from structfx.lowering.parallel_grain import BUILD_CONFIG, apply_parallel_grain
 from structfx.lowering.pool_divisors import rescale_divisor_overrides
 from structfx.lowering.pool_windows import clip_pool_windows
+from structfx.lowering.reduction_identities import infinite_identities
 from structfx.lowering.schedules import apply_schedules, legalize, schedule_rules_for
 from structfx.lowering.state import restored_state, warn_state_updates
 from structfx.lowering.target import resolve_target
@@ -135,13 +136,15 @@ def legalize_module(mod, target):
 def schedule_module(mod, target, database=None):
     """Each kernel scheduled: by its best record in ``database`` where it has one, else by the rules;
     then each parallel loop with too little work to share runs serially (structfx.lowering.parallel_grain),
-    and float max and min propagate NaN as torch's do (structfx.lowering.nan_propagation)."""
+    max and min reductions start from -inf and +inf (structfx.lowering.reduction_identities), and float
+    max and min propagate NaN as torch's do (structfx.lowering.nan_propagation)."""
     try:
         if database is not None:
             from structfx.lowering.tuning import apply_database
 
             mod = apply_database(mod, target, database)
-        return propagate_nan(apply_parallel_grain(apply_schedules(mod, target), target), target)
+        scheduled = apply_parallel_grain(apply_schedules(mod, target), target)
+        return propagate_nan(infinite_identities(scheduled), target)
     except FAILURES as e:
         raise StructfxError(
             f"[schedule] no schedule for kernel {_failing_kernel(mod, target)}: {_gist(e)}; compile without a "
