@@ -17,7 +17,13 @@ from structfx.lowering.compat import detach_params, from_exported_program, relax
 from structfx.lowering.compiled import CompiledModel
 from structfx.lowering.conv_packing import lift_conv_weights
 from structfx.lowering.converters import converter_map
-from structfx.lowering.export import example_arguments, export_for_compile, input_specs, output_specs
+from structfx.lowering.export import (
+    example_arguments,
+    export_for_compile,
+    input_specs,
+    output_specs,
+    require_tensor_outputs,
+)
 from structfx.lowering.fusion import unbroadcast_matmul_weights
 from structfx.lowering.graph_fixes import prepare_for_import
 from structfx.lowering.nan_propagation import propagate_nan
@@ -72,6 +78,7 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
     with restored_state(model) as updated:
         program = export_for_compile(model, args)
     warn_state_updates(model, updated)
+    require_tensor_outputs(program, model)
     mod, params = lower_to_relax(program, tvm_target)
     mod = schedule_module(legalize_module(mod, tvm_target), tvm_target, database)
     kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if is_ours(gv.name_hint))

@@ -334,6 +334,19 @@ def _table_rows(node: torch.fx.Node) -> tuple[int, int] | None:
     return max(low for low, _ in ranges), min(high for _, high in ranges)
 
 
+def require_tensor_outputs(program: torch.export.ExportedProgram, model: nn.Module) -> None:
+    """Raise StructfxError (stage "export") naming the first output of ``model``'s forward that is not a
+    tensor (``None``, a number): the compiled function returns tensors only."""
+    outputs = next(n for n in program.graph.nodes if n.op == "output").args[0]
+    for position, output in enumerate(outputs):
+        if not isinstance(output, torch.fx.Node):
+            raise StructfxError(
+                f"[export] {type(model).__name__}.forward returns {output!r} as its output {position} (counting "
+                "the tensors in its output structure in order); compile returns tensors only: return only "
+                "the tensors, or compile a wrapper module whose forward drops the others"
+            )
+
+
 def output_specs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
     outputs = next(n for n in program.graph.nodes if n.op == "output").args[0]
     return [_spec(f"output{i}", node.meta["val"], _dim_names(program)) for i, node in enumerate(outputs)]

@@ -423,3 +423,17 @@ def test_division_by_a_python_scalar_with_a_rounding_mode(name):
     model, x = Division(name), torch.randn(4, 7, generator=torch.Generator().manual_seed(3)) * 10
     got, want = sfx.compile(model, x)(x), model(x)
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+class ReturnsNone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x), None
+
+
+def test_an_output_that_is_not_a_tensor_is_named():
+    with pytest.raises(StructfxError, match=r"\[export\] ReturnsNone.forward returns None as its output 1"):
+        sfx.compile(ReturnsNone().eval(), torch.randn(3, 4))
