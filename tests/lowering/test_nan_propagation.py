@@ -84,3 +84,24 @@ def test_gpu_form_checks_every_computed_operand():
     script = propagate_nan(_kernels(), Target("cuda")).script()
     assert "relu[v_i] = T.Select(T.isnan(x[v_i]), x[v_i], T.max(x[v_i], T.float32(0.0)))" in script
     assert "T.Select(T.isnan(x[v_i]) or T.isnan(x[15 - v_i]), x[v_i] + x[15 - v_i]" in script
+
+
+BF16_OPS = {
+    "softmax": lambda x: torch.softmax(x, -1),
+    "maximum": lambda x: torch.maximum(x, x.flip(-1)),
+    "amax": lambda x: x.amax(-1),
+    "max-pool1d": lambda x: F.max_pool1d(x, 2),
+    "relu": torch.relu,
+}
+
+
+@pytest.mark.parametrize("name", BF16_OPS)
+def test_bfloat16_ops_propagate_nan(name):
+    class Op(nn.Module):
+        def forward(self, x):
+            return BF16_OPS[name](x)
+
+    x = torch.randn(3, 4, 8).to(torch.bfloat16)
+    x[0, 1, 2] = float("nan")
+    compiled = sfx.compile(Op().eval(), x)
+    torch.testing.assert_close(compiled(x), Op()(x), equal_nan=True, rtol=2e-2, atol=1e-2)
