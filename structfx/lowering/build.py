@@ -154,8 +154,9 @@ def schedule_module(mod, target, database=None):
         return propagate_nan(infinite_identities(scheduled), target)
     except FAILURES as e:
         raise StructfxError(
-            f"[schedule] no schedule for kernel {_failing_kernel(mod, target)}: {_gist(e)}; compile without a "
-            f"database or report it with the model"
+            f"[schedule] no schedule for kernel {_failing_kernel(mod, target)}: {_gist(e)}; "
+            + ("compile without the database, or " if database is not None else "")
+            + "report it with the model, and meanwhile compile the modules around the part that kernel comes from"
         ) from e
 
 
