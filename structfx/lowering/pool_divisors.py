@@ -16,6 +16,7 @@ import math
 import torch
 
 from structfx.errors import StructfxError
+from structfx.lowering.pool_windows import per_dim
 
 aten = torch.ops.aten
 
@@ -64,9 +65,9 @@ def _kernel_volume_if_never_clipped(node: torch.fx.Node, arguments: dict, rank: 
     """The kernel's extent along each spatial dimension, after checking that no window of ``node``
     reaches past its padded input (so torch divides every window by the kernel's volume)."""
     source, output = node.args[0].meta.get("val"), node.meta.get("val")
-    kernel = _per_dim(arguments["kernel_size"], rank)
-    stride = _per_dim(arguments["stride"], rank) if arguments["stride"] else list(kernel)
-    padding = _per_dim(arguments["padding"], rank)
+    kernel = per_dim(arguments["kernel_size"], rank)
+    stride = per_dim(arguments["stride"], rank) if arguments["stride"] else list(kernel)
+    padding = per_dim(arguments["padding"], rank)
     sizes = tuple(source.shape[-rank:]) if isinstance(source, torch.Tensor) else ()
     outputs = tuple(output.shape[-rank:]) if isinstance(output, torch.Tensor) else ()
     place = f"node {node.name} ({node.target.__name__}, divisor_override={arguments['divisor_override']})"
@@ -85,10 +86,3 @@ def _kernel_volume_if_never_clipped(node: torch.fx.Node, arguments: dict, rank: 
             )
     return kernel
 
-
-def _per_dim(value, rank: int) -> list[int]:
-    """A pool argument (an int, or a list of one or `rank` ints) as `rank` ints."""
-    if isinstance(value, int):
-        return [value] * rank
-    value = list(value)
-    return value * rank if len(value) == 1 else value

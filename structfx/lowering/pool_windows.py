@@ -59,12 +59,12 @@ def _clipped(node: torch.fx.Node, rank: int) -> dict | None:
     if not isinstance(source, torch.Tensor) or not isinstance(output, torch.Tensor):
         return None
     sizes, outputs = tuple(source.shape[-rank:]), tuple(output.shape[-rank:])
-    dilated = _per_dim(arguments.get("dilation", 1), rank) != [1] * rank
+    dilated = per_dim(arguments.get("dilation", 1), rank) != [1] * rank
     if dilated or not all(isinstance(d, int) for d in sizes + outputs):
         return None
-    kernel = _per_dim(arguments["kernel_size"], rank)
-    stride = _per_dim(arguments["stride"], rank) if arguments["stride"] else list(kernel)
-    reach = [size + 2 * pad for size, pad in zip(sizes, _per_dim(arguments["padding"], rank))]
+    kernel = per_dim(arguments["kernel_size"], rank)
+    stride = per_dim(arguments["stride"], rank) if arguments["stride"] else list(kernel)
+    reach = [size + 2 * pad for size, pad in zip(sizes, per_dim(arguments["padding"], rank))]
     clip = [out == 1 and k > r for out, k, r in zip(outputs, kernel, reach)]
     if not any(clip):
         return None
@@ -75,7 +75,7 @@ def _clipped(node: torch.fx.Node, rank: int) -> dict | None:
     return arguments
 
 
-def _per_dim(value, rank: int) -> list[int]:
+def per_dim(value, rank: int) -> list[int]:
     """A pool argument (an int, or a list of one or `rank` ints) as `rank` ints."""
     if isinstance(value, int):
         return [value] * rank
