@@ -16,7 +16,7 @@ import math
 import torch
 
 from structfx.errors import StructfxError
-from structfx.lowering.pool_windows import per_dim
+from structfx.lowering.pool_windows import per_dim, pool_arguments
 
 aten = torch.ops.aten
 
@@ -35,7 +35,7 @@ def rescale_divisor_overrides(gm: torch.fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in POOLS:
             continue
-        arguments = _arguments(node)
+        arguments = pool_arguments(node)
         divisor = arguments["divisor_override"]
         if divisor is None:
             continue
@@ -52,13 +52,6 @@ def rescale_divisor_overrides(gm: torch.fx.GraphModule) -> int:
     if changed:
         gm.recompile()
     return changed
-
-
-def _arguments(node: torch.fx.Node) -> dict:
-    """The node's arguments by schema name, in schema order, defaults filled in."""
-    schema = node.target._schema.arguments
-    given = dict(zip([a.name for a in schema], node.args)) | dict(node.kwargs)
-    return {a.name: given.get(a.name, a.default_value if a.has_default_value() else None) for a in schema}
 
 
 def _kernel_volume_if_never_clipped(node: torch.fx.Node, arguments: dict, rank: int) -> list[int]:

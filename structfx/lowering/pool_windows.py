@@ -41,8 +41,7 @@ def clip_pool_windows(gm: torch.fx.GraphModule) -> int:
             continue
         clipped = _clipped(node, POOLS[node.target])
         if clipped is not None:
-            names = [a.name for a in node.target._schema.arguments]
-            node.args, node.kwargs = tuple(clipped[name] for name in names[:len(clipped)]), {}
+            node.args, node.kwargs = tuple(clipped.values()), {}
             changed += 1
     if changed:
         gm.recompile()
@@ -51,9 +50,7 @@ def clip_pool_windows(gm: torch.fx.GraphModule) -> int:
 
 def _clipped(node: torch.fx.Node, rank: int) -> dict | None:
     """The node's arguments by schema name with its windows clipped, or None when no dimension needs it."""
-    schema = node.target._schema.arguments
-    arguments = {a.name: a.default_value for a in schema if a.has_default_value()}
-    arguments |= dict(zip([a.name for a in schema], node.args)) | dict(node.kwargs)
+    arguments = pool_arguments(node)
     source, output = node.args[0].meta.get("val"), node.meta.get("val")
     output = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(source, torch.Tensor) or not isinstance(output, torch.Tensor):
@@ -73,6 +70,13 @@ def _clipped(node: torch.fx.Node, rank: int) -> dict | None:
     if all(out == 1 for out in outputs):
         arguments["ceil_mode"] = False
     return arguments
+
+
+def pool_arguments(node: torch.fx.Node) -> dict:
+    """A pool node's arguments by schema name, in schema order, defaults filled in."""
+    schema = node.target._schema.arguments
+    given = dict(zip([a.name for a in schema], node.args)) | dict(node.kwargs)
+    return {a.name: given.get(a.name, a.default_value if a.has_default_value() else None) for a in schema}
 
 
 def per_dim(value, rank: int) -> list[int]:
