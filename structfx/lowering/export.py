@@ -61,6 +61,10 @@ def example_arguments(example_inputs, entry: str) -> tuple:
     )
 
 
+#: What torch.export raises for a model it cannot capture (turned into a StructfxError naming the cause).
+EXPORT_FAILURES = (RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError)
+
+
 def export_for_compile(model: nn.Module, args: tuple) -> torch.export.ExportedProgram:
     """Export ``model`` on ``args`` in eval mode, with the dims of ``requested_dims`` symbolic where the
     model allows. Raises StructfxError (stage "export") naming the cause and the fix."""
@@ -76,11 +80,11 @@ def export_for_compile(model: nn.Module, args: tuple) -> torch.export.ExportedPr
             if e.error_type is not torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
                 raise export_error(model, e) from e
             reason = e
-        except (RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as e:
+        except EXPORT_FAILURES as e:
             raise export_error(model, e) from e
         try:
             program = _export(model, example, requested, Dim.AUTO)
-        except (RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError) as e:
+        except EXPORT_FAILURES as e:
             raise export_error(model, e) from e
     static = [d for d in requested if not _is_symbolic(program, d)]
     if static:
