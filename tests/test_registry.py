@@ -238,3 +238,12 @@ def test_a_misspelt_part_names_itself():
     spec = registry.OpSpec(**{**vars(TOY), "cost": "structfx.passes.rules.btt:no_such_cost"})
     with pytest.raises(StructfxError, match="toy_floor.cost: cannot import 'structfx.passes.rules.btt:no_such_cost'"):
         spec.load("cost")
+
+
+def test_a_mistyped_field_is_named_with_the_field_it_resembles():
+    with pytest.raises(StructfxError, match="btt: unknown field 'rnk'; did you mean 'rank'\\? fields: .*rank"):
+        parse_rules("btt:rnk=2")
+    with pytest.raises(StructfxError, match="btt: 'rank' is not FIELD=VALUE"):
+        parse_rules("btt:rank")
+    with pytest.raises(StructfxError, match="maxplus: unknown field 'width'; fields: "):
+        parse_rules("maxplus:width=3")

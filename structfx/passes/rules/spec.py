@@ -4,6 +4,7 @@ names are the registered ops' (``structfx.registry``)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 
 from structfx import registry
@@ -26,8 +27,12 @@ def _parse_one(text: str) -> Rule:
     values = {}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
-        if not sep or key not in fields:
-            raise StructfxError(f"{name}: {assignment!r} is not FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        if not sep:
+            raise StructfxError(f"{name}: {assignment!r} is not FIELD=VALUE, e.g. '{name}:{next(iter(fields))}=...'")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise StructfxError(f"{name}: unknown field {key!r}; {hint}fields: {', '.join(fields)}")
         values[key] = _convert(raw, hints[key], f"{name}:{key}")
     return rule_type(**values)
 
