@@ -1,9 +1,11 @@
 """Compiled models against eager PyTorch and torch.compile (issue 12): nn.Linear, a zoo of transformers
 architectures, and a BERT-base-sized encoder layer.
 
-One run, fp32, this host's threads (2). Every variant is timed in its own block (``median_seconds``:
-warm-up calls, then the median of consecutive calls), never interleaved with another: TVM's and
-torch's thread pools spin after a call and slow each other when calls alternate. TVM's workers are
+One run, fp32, this host's threads (2). Every variant is timed in blocks of its own (``block_medians``:
+warm-up calls, then the median of consecutive calls), never interleaved call by call with another:
+TVM's and torch's thread pools spin after a call and slow each other when calls alternate. The blocks
+come in rounds (eager's block, then each compiled variant's, three times over) and each variant keeps
+its best block, so one slow spell of this shared host does not land on one variant alone. TVM's workers are
 also told not to spin (``TVM_THREAD_POOL_SPIN_COUNT=0``, set before TVM loads). Only ratios measured in
 the same run mean anything on this shared host. Every compiled output is checked against eager
 (relative error of the first output under 1e-4) before it is timed.
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from zoo import ZOO, build  # noqa: E402
 
 import structfx as sfx  # noqa: E402
-from structfx.measure import median_seconds  # noqa: E402
+from structfx.measure import block_medians, median_seconds  # noqa: E402
 
 TOLERANCE = 1e-4
 STRUCTURED = [sfx.BTT(rank=4), sfx.MaxPlus(k=2)]
@@ -50,9 +52,10 @@ def relative_error(got, want) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-12))
 
 
-def timed(fn, args: tuple, repeat: int) -> float:
+def timed(fns: dict, args: tuple, repeat: int) -> dict[str, float]:
+    """Seconds per call of each ``fns[name](*args)``, in blocks of its own (``block_medians``)."""
     with torch.no_grad():
-        return median_seconds(lambda: fn(*args), warmup=2, repeat=repeat)
+        return block_medians({name: (lambda fn=fn: fn(*args)) for name, fn in fns.items()}, repeat=repeat)
 
 
 def checked(name: str, compiled, reference, args: tuple) -> float:
@@ -76,8 +79,8 @@ def linear_section(repeat: int) -> list[str]:
         for batch in (256, 16, 1):
             x = torch.randn(batch, d)
             checked(f"Linear({d}) batch {batch}", compiled, layer, (x,))
-            eager = timed(layer, (x,), repeat)
-            ours = timed(compiled, (x,), repeat)
+            times = timed({"eager": layer, "ours": compiled}, (x,), repeat)
+            eager, ours = times["eager"], times["ours"]
             rate = 2 * batch * d * d / ours / 1e9
             row = (f"| {d} | {batch} | {eager * 1e3:.3f} | {ours * 1e3:.3f} | {eager / ours:.2f}x | {rate:.1f} | "
                    f"{matmul_rate:.1f} | {rate / matmul_rate:.0%} |")
@@ -110,14 +113,13 @@ def zoo_section(repeat: int, only: list[str] | None) -> list[str]:
             args = entry.inputs(batch)
             errors = [checked(entry.name, compiled, model, args), checked(f"{entry.name} BTT", compiled_small,
                                                                           small, args)]
-            eager = timed(model, args, repeat)
             torch._dynamo.reset()
             inductor = torch.compile(model)
             with torch.no_grad():
                 inductor(*args)
-            inductor_time = timed(inductor, args, repeat)
-            ours = timed(compiled, args, repeat)
-            ours_small = timed(compiled_small, args, repeat)
+            times = timed({"eager": model, "inductor": inductor, "ours": compiled, "ours_small": compiled_small},
+                          args, repeat)
+            eager, inductor_time, ours, ours_small = (times[k] for k in ("eager", "inductor", "ours", "ours_small"))
             ours_ratios.append(eager / ours)
             transformed_ratios.append(eager / ours_small)
             row = (f"| {entry.name} | {batch} | {eager * 1e3:.2f} | {eager / inductor_time:.2f}x | "
@@ -145,10 +147,8 @@ def layer_section(repeat: int) -> list[str]:
     compiled_small = sfx.compile(small, x)
     checked("BERT layer", compiled, layer, (x,))
     checked("BERT layer BTT", compiled_small, small, (x,))
-    eager = timed(layer, (x,), repeat)
-    eager_small = timed(small, (x,), repeat)
-    ours = timed(compiled, (x,), repeat)
-    ours_small = timed(compiled_small, (x,), repeat)
+    times = timed({"eager": layer, "eager_small": small, "ours": compiled, "ours_small": compiled_small}, (x,), repeat)
+    eager, eager_small, ours, ours_small = (times[k] for k in ("eager", "eager_small", "ours", "ours_small"))
     rows = ["| variant | ms | speed vs eager original |", "|---|---|---|",
             f"| eager original | {eager * 1e3:.1f} | 1.00x |",
             f"| compiled original | {ours * 1e3:.1f} | {eager / ours:.2f}x |",

@@ -32,6 +32,24 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 3, r
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def block_medians(
+    fns: dict[str, Callable[[], object]], warmup: int = 2, repeat: int = 7, rounds: int = 3
+) -> dict[str, float]:
+    """Each function timed in blocks of its own (``warmup`` untimed calls, then the median of ``repeat``
+    consecutive calls), the blocks taken in ``rounds`` rounds (A-block B-block, A-block B-block, ...);
+    the best block median of each function, in seconds.
+
+    For functions that must not alternate call by call (TVM's and torch's thread pools spin after a call
+    and slow each other), on a noisy host: a slow spell that spoils one block is outvoted by the other
+    rounds, so it does not land on one candidate alone.
+    """
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], median_seconds(fn, warmup, repeat))
+    return best
+
+
 def peak_allocated_bytes(step: Callable[[], object]) -> int:
     """Peak of the bytes torch allocates (CPU) while ``step`` runs, from the profiler's allocation timeline."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
