@@ -114,6 +114,26 @@ def test_filter_fn_min_features_and_rule_order():
     assert "64 features < min_features=65" in {row.reason for row in sfx.report(small).rows}
 
 
+@pytest.mark.parametrize("init", ["svd", "random"])
+def test_a_lossy_btt_that_saves_nothing_is_skipped_and_said_so(init):
+    # 64 x 64 in 8 x 8 blocks: rank 4 takes 4 * (8 * 64 + 8 * 64) = 4096 multiply-adds a row, the dense
+    # layer's 64 * 64; rank 2 halves it; rank 8 is the blocks' full rank, exact, and kept as asked
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 256)).eval()
+    x = torch.randn(8, 64)
+
+    def rows(rank):
+        small = sfx.transform(model, sfx.BTT(rank=rank, init=init), example_inputs=x)
+        return {row.name: row for row in sfx.report(small).rows}
+
+    at_4 = rows(4)
+    assert at_4["0"].status == "skipped"
+    assert "4096 multiply-adds a row here, no fewer than the dense layer's 4096" in at_4["0"].reason
+    assert at_4["2"].status == "replaced"  # 64 -> 256 at rank 4 saves a quarter
+    for rank in (2, 8):
+        assert {row.status for row in rows(rank).values()} == {"replaced"}
+
+
 def test_nothing_to_replace_is_an_empty_report():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh())
     small = sfx.transform(model, sfx.MaxPlus(), example_inputs=torch.randn(1, 3, 8, 8))

@@ -9,6 +9,7 @@ from torch import nn
 
 from structfx.nn import BTTLinear
 from structfx.passes.cost import LayerCost
+from structfx.passes.registry import SkipSite
 from structfx.passes.rules.base import Rule, check_at_least
 from structfx.passes.rules.placement import placed, site_placement
 from structfx.passes.sites import Site, dense_parameters
@@ -17,7 +18,9 @@ from structfx.passes.sites import Site, dense_parameters
 @dataclass(frozen=True)
 class BTT(Rule):
     """Block tensor-train of rank ``rank``; ``init="svd"``: per-block truncated SVD of the trained weight
-    (the optimal BTT; exact at full rank), ``"random"``: from scratch, drawn from ``seed`` (the bias is kept)."""
+    (the optimal BTT; exact at full rank), ``"random"``: from scratch, drawn from ``seed`` (the bias is kept).
+    A layer where a rank below the blocks' full rank would take no fewer multiply-adds than the dense layer
+    (a 64 x 64 layer at rank 4) is skipped, with the reason in the report."""
 
     rank: int = 1
     init: Literal["svd", "random"] = "svd"
@@ -33,11 +36,25 @@ def dense_to_btt(rule: BTT, site: Site) -> nn.Module:
     site_placement(site)  # refuses dtypes structfx layers do not compute in
     bias = None if bias is None else bias.detach()
     if rule.init == "svd":
-        return placed(BTTLinear.from_dense(weight.detach(), bias, rule.rank), site)
-    layer = BTTLinear(weight.shape[1], weight.shape[0], rule.rank, bias is not None, generator=rule.generator(site))
-    if bias is not None:
-        layer.bias.data.copy_(bias)
+        layer = BTTLinear.from_dense(weight.detach(), bias, rule.rank)
+    else:
+        layer = BTTLinear(weight.shape[1], weight.shape[0], rule.rank, bias is not None, generator=rule.generator(site))
+        if bias is not None:
+            layer.bias.data.copy_(bias)
+    _check_saving(layer, weight.numel())
     return placed(layer, site)
+
+
+def _check_saving(layer: BTTLinear, dense_ops: int) -> None:
+    """Skip a BTT below its blocks' full rank that takes no fewer multiply-adds than the dense layer: it would
+    lose accuracy for nothing (a 64 x 64 layer at rank 4). At full rank it is exact, a choice the user made."""
+    m0, _, _, n1 = layer.blocks
+    ops = btt_cost(layer).multiply_adds
+    if layer.rank < min(m0, n1) and ops >= dense_ops:
+        raise SkipSite(
+            f"BTT(rank={layer.rank}) takes {ops} multiply-adds a row here, no fewer than the dense layer's "
+            f"{dense_ops}: it would lose accuracy and save nothing (a lower rank would save)"
+        )
 
 
 def btt_cost(layer: BTTLinear) -> LayerCost:

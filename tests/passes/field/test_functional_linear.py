@@ -167,7 +167,7 @@ def test_a_rewritten_forward_survives_saving_and_copying():
     forward: the ReLUs back to F.relu, the F.linear on parameters no longer there)."""
     torch.manual_seed(0)
     model, x = OwnWeights(), _x(8, 64)
-    result = transformed(model, [sfx.BTT(rank=4), sfx.MaxPlus(k=2, init="paper")], (x,))
+    result = transformed(model, [sfx.BTT(rank=2), sfx.MaxPlus(k=2, init="paper")], (x,))
     buffer = io.BytesIO()
     torch.save(result, buffer)
     buffer.seek(0)
