@@ -4,6 +4,7 @@ channel counts and spatial sizes, batches 1, 3 and 6 of one symbolic-batch build
 either memory format, NaN and inf as eager; the CPU loop nest under a named target; save/load and tune."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,10 +12,10 @@ import torch
 from torch import nn
 
 import structfx as sfx
-from structfx.lowering.compat import Target, te, tirx
+from structfx.lowering.compat import Target, te, tirx, tvm
+from structfx.lowering.nan_propagation import propagate_nan
 from structfx.lowering.ops.channel_maxplus import (
-    CANDIDATES,
-    OUT,
+    KERNEL,
     ChannelMaxPlusCPU,
     channel_maxplus_te,
     spatial_run,
@@ -104,10 +105,10 @@ def test_spatial_run_divides_the_axis(inner, run):
     assert spatial_run(inner, LANES) == run
 
 
-def _cpu_schedule(inner):
-    int64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+def _cpu_schedule(*spatial):
+    int64 = lambda v: tirx.IntImm("int64", v) if isinstance(v, int) else v  # noqa: E731
     batch = tirx.Var("n", "int64")
-    x = te.placeholder([batch, int64(16), inner], name="x")
+    x = te.placeholder([batch, int64(16), *map(int64, spatial)], name="x")
     idx = te.placeholder([int64(24), int64(2)], name="idx", dtype="int64")
     w = te.placeholder([int64(24), int64(2)], name="w")
     bias = te.placeholder([int64(24)], name="bias")
@@ -117,31 +118,31 @@ def _cpu_schedule(inner):
     return sch
 
 
-def _loops(sch, name):
-    return [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(name))]
+def _loops(sch):
+    return [(loop.kind, loop.extent) for loop in map(sch.get, sch.get_loops(sch.get_sblock(KERNEL)))]
 
 
 def test_cpu_loop_nest_vectorises_runs_of_the_spatial_axis():
-    """56 x 56 positions: parallel over (image, output channel), runs of 64 positions; the k candidates
-    updated a run at a time (t outside the vectorised run), the bias max stored a run at a time."""
-    sch = _cpu_schedule(tirx.IntImm("int64", 56 * 56))
-    parallel, runs, t, lanes = _loops(sch, CANDIDATES + "_update")
-    assert parallel.kind == tirx.ForKind.PARALLEL
-    assert int(runs.extent) == 56 * 56 // 64 and int(t.extent) == 2
-    assert (lanes.kind, int(lanes.extent)) == (tirx.ForKind.VECTORIZED, 64)
-    assert [(loop.kind, int(loop.extent)) for loop in _loops(sch, OUT)[1:]] == [
-        (tirx.ForKind.SERIAL, 49), (tirx.ForKind.VECTORIZED, 64)]
-    assert _loops(sch, CANDIDATES + "_init")[-1].kind == tirx.ForKind.VECTORIZED
+    """56 x 56 positions: one block, its spatial loops fused and split into runs of 64 positions, parallel
+    over (image, output channel, run), each run vectorised."""
+    (parallel, chunks), (vectorized, run) = _loops(_cpu_schedule(56, 56))
+    assert parallel == tirx.ForKind.PARALLEL and "n * T.int64(1176)" in str(chunks)  # n x 24 channels x 49 runs
+    assert (vectorized, int(run)) == (tirx.ForKind.VECTORIZED, 64)
 
 
 def test_cpu_loop_nest_of_a_small_map_is_one_run():
-    sch = _cpu_schedule(tirx.IntImm("int64", 7 * 7))
-    parallel, lanes = _loops(sch, OUT)
-    assert parallel.kind == tirx.ForKind.PARALLEL
-    assert (lanes.kind, int(lanes.extent)) == (tirx.ForKind.VECTORIZED, 49)
+    (parallel, _), (vectorized, run) = _loops(_cpu_schedule(7, 7))
+    assert parallel == tirx.ForKind.PARALLEL and (vectorized, int(run)) == (tirx.ForKind.VECTORIZED, 49)
 
 
 def test_cpu_loop_nest_of_a_symbolic_spatial_size_is_scalar():
-    sch = _cpu_schedule(tirx.Var("s", "int64"))
-    *_, lanes = _loops(sch, OUT)
-    assert lanes.kind == tirx.ForKind.SERIAL and int(lanes.extent) == LANES
+    (parallel, _), (serial, _) = _loops(_cpu_schedule(tirx.Var("length", "int64")))
+    assert parallel == tirx.ForKind.PARALLEL and serial == tirx.ForKind.SERIAL
+
+
+def test_cpu_runs_compile_to_vector_loads():
+    """The candidates' maxes are selects, not TVM max with nan_propagation's Let-bound operands (those made
+    TVM's vectorizer scalarize the run): the compiled kernel loads x a vector at a time."""
+    sch = _cpu_schedule(8, 8)
+    llvm = tvm.compile(propagate_nan(sch.mod, AVX2), target=AVX2).mod.inspect_source("ll")
+    assert re.search(r"load <8 x float>", llvm)
