@@ -48,6 +48,27 @@ def test_matches_eager_at_any_batch(n_in, n_out, k, bias, spatial):
             torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=1e-6, msg=f"batch {batch}")
 
 
+class FeaturesAtDim2(nn.Module):
+    """The op over dim 2 of (B, T, C, L): x viewed as (B * T, C, L) around the same kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = _paper(5, 3, 2)
+
+    def forward(self, x):
+        layer = self.layer
+        return torch.ops.structfx.sparse_maxplus(x, layer.idx, layer.weight, layer.bias, 2)
+
+
+def test_features_at_a_middle_dim_match_eager():
+    module = FeaturesAtDim2().eval()
+    compiled = sfx.compile(module, torch.randn(2, 4, 5, 7))
+    for batch in (1, 3):
+        x = torch.randn(batch, 4, 5, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), module(x), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_relu_init_is_relu_bit_for_bit(memory_format):
     model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 5, 1)).eval().to(memory_format=memory_format)
