@@ -15,7 +15,9 @@ register_op(OpSpec(
     build="structfx.passes.rules.maxplus:relu_to_maxplus",
     cost="structfx.passes.rules.maxplus:maxplus_cost",
     converter="structfx.lowering.ops.maxplus:convert_maxplus",
-    schedules=("structfx.lowering.ops.maxplus:MaxPlusCPU", "structfx.lowering.ops.maxplus:MaxPlusCUDA"),
+    schedules=("structfx.lowering.ops.maxplus:MaxPlusCPU", "structfx.lowering.ops.maxplus:MaxPlusCUDA",
+               "structfx.lowering.ops.channel_maxplus:ChannelMaxPlusCPU",
+               "structfx.lowering.ops.channel_maxplus:ChannelMaxPlusCUDA"),
     cases=(
         OpCase("maxplus_37x23_k3", (37, 23), {"k": 3}, (37,)),
         OpCase("maxplus_16x16_relu", (16, 16), {"k": 2, "init": "relu"}, (16,)),

@@ -2,11 +2,14 @@
 ("Sparse Hybrid Linear-Morphological Networks", arXiv 2504.09289, EUSIPCO 2025).
 
 Each output keeps k finite weights at fixed, distinct input indices. The forward gathers one (B, n_out)
-slice per t, so memory is O(B * n_out), never the paper's (B, n_out, n_in) broadcast.
+slice per t, so memory is O(B * n_out), never the paper's (B, n_out, n_in) broadcast. The features are
+the last dim (SparseMaxPlus) or dim 1 of a feature map (ChannelMaxPlus): the op takes the axis, so a
+channel layer reads its map in place instead of through transposed copies.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
@@ -24,61 +27,69 @@ def _winner_dtype(k: int) -> torch.dtype:
     return torch.uint8 if k < 255 else torch.int32
 
 
-def _forward_with_winner(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Max-plus forward on (B, n_in) rows; also returns which candidate won (0 = bias, t + 1 = entry t).
+def _channels(x: Tensor, dim: int) -> Tensor:
+    """x as (outer, n_in, inner): the features at dim 1 (a view where x's layout allows)."""
+    return x.reshape(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:]))
 
-    A strict ``>`` keeps the first of tied candidates: the bias, then the lowest t.
-    """
+
+def _forward_with_winner(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Max-plus forward on x (outer, n_in, inner) over its dim 1; also returns which candidate won (0 = bias,
+    t + 1 = entry t). A strict ``>`` keeps the first of tied candidates: the bias, then the lowest t."""
     n_out, k = idx.shape
+    shape = (x.shape[0], n_out, x.shape[2])
     if b is None:
-        y = x.index_select(1, idx[:, 0]) + w[:, 0]
-        winner = torch.ones(y.shape, dtype=_winner_dtype(k), device=x.device)
+        y = x.index_select(1, idx[:, 0]) + w[:, 0, None]
+        winner = torch.ones(shape, dtype=_winner_dtype(k), device=x.device)
         first = 1
     else:
-        y = b.expand(x.shape[0], n_out).clone()
-        winner = torch.zeros(y.shape, dtype=_winner_dtype(k), device=x.device)
+        y = b[:, None].expand(shape).clone()
+        winner = torch.zeros(shape, dtype=_winner_dtype(k), device=x.device)
         first = 0
     for t in range(first, k):
-        candidate = x.index_select(1, idx[:, t]) + w[:, t]
+        candidate = x.index_select(1, idx[:, t]) + w[:, t, None]
         winner.masked_fill_(candidate > y, t + 1)
         torch.maximum(y, candidate, out=y)
     return y, winner
 
 
 @torch.library.custom_op("structfx::sparse_maxplus", mutates_args=())
-def sparse_maxplus(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``y[..., j] = max(b[j], max_t x[..., idx[j, t]] + w[j, t])``; x (..., n_in), idx/w (n_out, k)."""
-    rows = x.reshape(-1, x.shape[-1])
-    y, _ = _forward_with_winner(rows, idx, w, b)
-    return owned(y.reshape(*x.shape[:-1], idx.shape[0]))
+def sparse_maxplus(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None, dim: int = -1) -> Tensor:
+    """``y[..., j, ...] = max(b[j], max_t x[..., idx[j, t], ...] + w[j, t])`` over x's features at ``dim``:
+    x (..., n_in, ...) -> (..., n_out, ...), idx/w (n_out, k), b (n_out,) or None. ``dim=-1`` is a dense
+    layer's place; ``dim=1`` a feature map's channels (N, C, *spatial), read where they lie: one gather of
+    whole (spatial) rows per t, no transposed copy of x."""
+    dim = dim % x.dim()
+    y, _ = _forward_with_winner(_channels(x, dim), idx, w, b)
+    return owned(y.reshape(*x.shape[:dim], idx.shape[0], *x.shape[dim + 1:]))
 
 
 @sparse_maxplus.register_fake
-def _(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], idx.shape[0]))
+def _(x: Tensor, idx: Tensor, w: Tensor, b: Tensor | None, dim: int = -1) -> Tensor:
+    dim = dim % x.dim()
+    return x.new_empty((*x.shape[:dim], idx.shape[0], *x.shape[dim + 1:]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, idx, w, b = inputs
+    x, idx, w, b, dim = inputs
     ctx.has_bias = b is not None
+    ctx.dim = dim % x.dim()
     ctx.save_for_backward(x, idx, w, b)
 
 
 def _backward(ctx, grad: Tensor):
     """Subgradient: each output's gradient goes to its single winner (recomputed, O(B * n_out))."""
     x, idx, w, b = ctx.saved_tensors
-    n_in = x.shape[-1]
-    rows = x.reshape(-1, n_in)
-    g = grad.reshape(-1, idx.shape[0])
-    _, winner = _forward_with_winner(rows, idx, w, b)
-    grad_x = torch.zeros_like(rows)
+    features = _channels(x, ctx.dim)
+    g = _channels(grad, ctx.dim)
+    _, winner = _forward_with_winner(features, idx, w, b)
+    grad_x = torch.zeros_like(features)
     grad_w = torch.empty_like(w)
     for t in range(idx.shape[1]):
         g_t = torch.where(winner == t + 1, g, 0)
         grad_x.index_add_(1, idx[:, t], g_t)
-        grad_w[:, t] = g_t.sum(0)
-    grad_b = torch.where(winner == 0, g, 0).sum(0) if ctx.has_bias else None
-    return grad_x.reshape(x.shape), None, grad_w, grad_b
+        grad_w[:, t] = g_t.sum((0, 2))
+    grad_b = torch.where(winner == 0, g, 0).sum((0, 2)) if ctx.has_bias else None
+    return grad_x.reshape(x.shape), None, grad_w, grad_b, None
 
 
 sparse_maxplus.register_autograd(_backward, setup_context=_setup_context)
@@ -204,7 +215,9 @@ class ChannelMaxPlus(SparseMaxPlus):
     """SparseMaxPlus across the channels of a feature map (N, C, *spatial), at every position alike.
 
     What replaces a ReLU on a conv feature map: with init="relu" it is exactly that ReLU, down to the
-    output's memory format (contiguous in, contiguous out; channels-last in, channels-last out).
+    output's memory format (contiguous in, contiguous out; channels-last in, channels-last out). It calls
+    ``sparse_maxplus`` with ``dim=1``: compiled, that is one kernel vectorised along the spatial axis
+    (``structfx.lowering.ops.channel_maxplus``), not a transpose, the kernel and a transpose back.
     """
 
     channel_dim: ClassVar[int] = 1  # of the output, (N, C, ...): the channels (structfx.passes.axes)
@@ -214,7 +227,7 @@ class ChannelMaxPlus(SparseMaxPlus):
             raise StructfxError(
                 f"ChannelMaxPlus expects (N, {self.in_features}, *spatial) inputs, got {tuple(x.shape)}"
             )
-        return in_layout_of(x, super().forward(x.movedim(1, -1)).movedim(-1, 1))
+        return in_layout_of(x, torch.ops.structfx.sparse_maxplus(x, self.idx, self.weight, self.bias, 1))
 
     def reference(self, x: Tensor) -> Tensor:
         return super().reference(x.movedim(1, -1)).movedim(-1, 1)

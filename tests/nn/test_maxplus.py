@@ -3,7 +3,7 @@ import torch
 
 from structfx import StructfxError
 from structfx.measure import peak_allocated_bytes
-from structfx.nn import SparseMaxPlus
+from structfx.nn import ChannelMaxPlus, SparseMaxPlus
 from structfx.nn.maxplus import distinct_indices
 
 
@@ -74,3 +74,48 @@ def test_memory_measure_sees_the_broadcast_form():
     x = torch.randn(32, 512, requires_grad=True)
     peak = peak_allocated_bytes(lambda: layer.reference(x).sum().backward())
     assert peak >= 32 * 512 * 512 * 4
+
+
+def _channel_layer(bias: bool = True) -> ChannelMaxPlus:
+    layer = ChannelMaxPlus(5, 7, k=3, bias=bias, init="paper", generator=torch.Generator().manual_seed(0))
+    return layer.double()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_channel_op_reads_dim_1_as_the_reference_does(bias):
+    """sparse_maxplus(x, ..., dim=1) on (N, C, *spatial), no transposes: the brute-force max over channels."""
+    layer = _channel_layer(bias)
+    for shape in [(3, 5, 4, 6), (1, 5, 7), (2, 5, 2, 3, 3)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), layer.reference(x), rtol=0, atol=0)
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer(x), layer.reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_channel_op_gradcheck_float64(bias):
+    layer = _channel_layer(bias)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    params = [layer.weight] + ([layer.bias] if bias else [])
+    assert torch.autograd.gradcheck(
+        lambda x, *p: torch.ops.structfx.sparse_maxplus(x, layer.idx, *p, *([] if bias else [None]), 1),
+        (x, *params),
+    )
+
+
+def test_channel_op_backward_matches_reference():
+    layer = _channel_layer()
+    x = torch.randn(3, 5, 4, 2, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 4, 2, dtype=torch.float64)
+    got = torch.autograd.grad(layer(x), [x, layer.weight, layer.bias], g)
+    want = torch.autograd.grad(layer.reference(x), [x, layer.weight, layer.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_channel_relu_init_is_exactly_relu_in_either_memory_format(memory_format):
+    layer = ChannelMaxPlus(48, 48, k=2, init="relu", generator=torch.Generator().manual_seed(0))
+    x = (torch.randn(2, 48, 5, 7) * 100).to(memory_format=memory_format)
+    got, want = layer(x), torch.relu(x)
+    assert torch.equal(got, want) and got.stride() == want.stride()

@@ -10,6 +10,7 @@ padded to whole tiles (reads clamped), and only the last tile's stores are guard
 from __future__ import annotations
 
 from structfx.lowering.compat import Schedule, Target, te
+from structfx.lowering.ops.channel_maxplus import convert_channel_maxplus
 from structfx.lowering.ops.common import (
     OpScheduleRule,
     as_rows,
@@ -44,7 +45,13 @@ def maxplus_te(x: te.Tensor, idx: te.Tensor, w: te.Tensor, bias: te.Tensor | Non
 
 
 def convert_maxplus(node, importer, target: Target):
-    x, idx, w, bias = (None if a is None else importer.env[a] for a in node.args)
+    """``sparse_maxplus(x, idx, w, b, dim)``: over the last dim, this file's kernel on x's rows; over any
+    other (a feature map's channels), ``structfx.lowering.ops.channel_maxplus`` on x where it lies."""
+    x, idx, w, bias = (None if a is None else importer.env[a] for a in node.args[:4])
+    dim = node.args[4] if len(node.args) > 4 else node.kwargs.get("dim", -1)
+    ndim = len(importer.shape_of(x))
+    if dim % ndim != ndim - 1:
+        return convert_channel_maxplus(importer, x, idx, w, bias, dim % ndim)
     rows, leading = as_rows(importer, x)
     y = importer.block_builder.emit_te(
         maxplus_te, rows, idx, w, bias, vector_lanes(target), primfunc_name_hint="structfx_sparse_maxplus"
