@@ -26,7 +26,7 @@ from structfx.lowering.export import (
 )
 from structfx.lowering.fusion import unbroadcast_matmul_weights
 from structfx.lowering.graph_fixes import prepare_for_import
-from structfx.lowering.mutations import expose_mutations, initial_state
+from structfx.lowering.mutations import expose_mutations, initial_state, unregistered_write
 from structfx.lowering.nan_propagation import propagate_nan
 from structfx.lowering.ops.common import is_ours
 from structfx.lowering.packing import lift_weight_packing
@@ -120,6 +120,9 @@ def lower_program(program, target):
             mod = from_exported_program(program, keep_params_as_input=True,
                                         custom_convert_map=converter_map(target), run_ep_decomposition=False)
     except FAILURES as e:
+        unregistered = unregistered_write(e)
+        if unregistered is not None:
+            raise unregistered from e
         raise StructfxError(
             f"[import] TVM cannot import {_failing_node(e, program)}: {_gist(e)}; {UNSUPPORTED_HINT}"
         ) from e

@@ -13,10 +13,13 @@ passing it in and replacing it with the new value on every call, as successive e
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 from torch.export.graph_signature import InputKind, InputSpec, OutputKind
 
+from structfx.errors import StructfxError
 from structfx.runtime.signature import Mutations
 
 #: Outputs the importer returns: the user's, and (once exposed) the updates.
@@ -65,3 +68,17 @@ def initial_state(model: torch.nn.Module, mutations: Mutations) -> list[Tensor]:
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
     return [named[name].detach().clone().contiguous() for name, _ in mutations.state]
+
+
+def unregistered_write(error: Exception) -> StructfxError | None:
+    """The StructfxError for torch's refusal to functionalise a forward that writes a tensor attribute which
+    is not a registered buffer (``self.t = torch.zeros(3)`` in ``__init__``, ``self.t.add_(1)`` in forward):
+    torch.export lifts such a tensor as a constant. None for any other error."""
+    found = re.search(r"Constant (\S+) is mutated", str(error))
+    if found is None:
+        return None
+    return StructfxError(
+        f"[export] forward writes the tensor attribute {found.group(1)!r} in place, and it is not a registered "
+        f"buffer: torch.export keeps such a tensor constant. Register it in its module's __init__ "
+        f"(self.register_buffer(name, tensor)) and the compiled model carries its updates as its own state"
+    )

@@ -30,12 +30,12 @@ class Runtime:
     its new value after the call (it must be writeable, and not share memory with another input), and the
     buffers it updates are this runtime's own, starting from their values when the artifact was saved."""
 
-    def __init__(self, manifest: dict, vm, params: list, device, state: list = ()) -> None:
+    def __init__(self, manifest: dict, vm, params: list, device, state: list) -> None:
         self.manifest, self._vm, self._params, self._device = manifest, vm, params, device
         self._lock = threading.Lock()  # a VM runs one call at a time: calls from several threads queue
         self.inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
-        self.mutations = Mutations.from_dict(manifest.get("mutations", {}))
+        self.mutations = Mutations.from_dict(manifest["mutations"])
         self._state = list(state)  # TVM tensors on the device, in the order of mutations.state
 
     def __call__(self, *args):
@@ -48,7 +48,7 @@ class Runtime:
         ], "a numpy array or a CPU torch tensor")
         check_values(self.inputs, arrays)
         if self.mutations.inputs:
-            self._check_writeable(arrays)
+            self._check_writable(arrays)
         values = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
         use_every_core()  # on the calling thread: TVM's thread pool is per thread
         with self._lock:
@@ -65,8 +65,7 @@ class Runtime:
             outputs = [torch.from_numpy(o) for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-
-    def _check_writeable(self, arrays: list) -> None:
+    def _check_writable(self, arrays: list) -> None:
         """Refuse, before any kernel runs, an input the forward writes that cannot take its new value."""
         for index, _ in self.mutations.inputs:
             if not arrays[index].flags.writeable:
@@ -112,7 +111,7 @@ def load(directory: str | Path, device: str = "cpu") -> Runtime:
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
     weights = load_file(str(root / WEIGHTS))
     params = [tvm.runtime.tensor(weights[name], dev) for name in manifest["params"]]
-    state = [tvm.runtime.tensor(weights[name], dev) for name in manifest.get("state", [])]
+    state = [tvm.runtime.tensor(weights[name], dev) for name in manifest["state"]]
     vm = VirtualMachine(tvm.runtime.load_module(str(root / KERNELS)), dev)
     return Runtime(manifest, vm, params, dev, state)
 
@@ -170,4 +169,3 @@ def _as_numpy(value):
     if hasattr(value, "__dlpack__"):  # a torch tensor (CPU): no copy
         return np.from_dlpack(value.detach() if hasattr(value, "detach") else value)
     return None
-

@@ -127,8 +127,8 @@ class Mutations:
 
     @classmethod
     def from_dict(cls, data: dict) -> Mutations:
-        return cls(tuple((int(i), int(p)) for i, p in data.get("inputs", [])),
-                   tuple((str(n), int(p)) for n, p in data.get("state", [])))
+        return cls(tuple((int(i), int(p)) for i, p in data["inputs"]),
+                   tuple((str(n), int(p)) for n, p in data["state"]))
 
 
 def check_written_alone(specs: list[TensorSpec], mutations: Mutations, inputs: list, shares) -> None:

@@ -273,3 +273,24 @@ def test_a_transformed_model_that_writes_its_input_compiles_to_the_same_writes()
             want = model(eager_x)
         torch.testing.assert_close(compiled(compiled_x), want, rtol=1e-5, atol=1e-6)
         assert torch.equal(compiled_x, eager_x)  # max-plus with init="relu" is exactly ReLU
+
+
+class Unregistered(nn.Module):
+    """A plain tensor attribute (not a buffer) written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = torch.zeros(4)
+
+    def forward(self, x):
+        self.seen.add_(x.sum(0))
+        return x + self.seen
+
+
+def test_a_written_tensor_attribute_that_is_not_a_buffer_is_refused_with_the_fix():
+    with pytest.raises(sfx.StructfxError, match=r"\[export\] forward writes the tensor attribute 'seen'.*register_buf"):
+        sfx.compile(Unregistered(), torch.randn(3, 4))
+    model = Unregistered()
+    with pytest.raises(sfx.StructfxError):
+        sfx.compile(model, torch.randn(3, 4))
+    assert torch.equal(model.seen, torch.zeros(4)), "compile's eager check left its write in the model"
