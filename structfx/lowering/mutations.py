@@ -4,7 +4,7 @@ torch.export functionalises a forward: an input it writes (``x.add_(1)``, ``x[0]
 inplace=True)``, an in-place op on a view of ``x``) comes back as an extra output holding the input's new
 value (``OutputKind.USER_INPUT_MUTATION``), and so does a buffer or parameter it updates
 (``BUFFER_MUTATION``, ``PARAMETER_MUTATION``; also ``self.n = self.n + 1``). TVM's importer keeps only the
-user outputs and binds buffers as constants, so the updates were lost. ``expose_mutations`` makes every
+user outputs and binds buffers as constants, which would lose the updates. ``expose_mutations`` makes every
 update an output of the compiled function and every updated buffer or parameter an input of it (after the
 user inputs), and says which is which (``structfx.runtime.signature.Mutations``): the compiled model then
 writes each updated input back into the caller's tensor, and keeps its own copy of each updated buffer,

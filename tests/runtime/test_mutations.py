@@ -136,3 +136,14 @@ def test_the_artifact_writes_its_inputs_and_keeps_its_state_without_torch(saved,
         np.testing.assert_allclose(got["x"], eager_x.numpy(), rtol=1e-6)
         np.testing.assert_allclose(got["total"], eager_total.numpy(), rtol=1e-6)
         assert float(got["n"]) == float(model.n) == 3.0
+
+
+def test_inspect_names_the_written_inputs_and_the_state(saved):
+    from typer.testing import CliRunner
+
+    from structfx.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(saved[2])])
+    assert result.exit_code == 0, result.output
+    assert "writes: input x in place" in result.output and "writes: input total in place" in result.output
+    assert "state: n (updated by every call" in result.output
