@@ -63,6 +63,8 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
 
     Returns a ``CompiledModel``: call it with torch tensors of the exported shapes and dtypes (any
     batch size where the batch is symbolic); it returns torch tensors in the model's output structure.
+    In-place updates are eager's: an input ``forward`` writes holds its new value after each call, and the
+    buffers it updates are the CompiledModel's own ``state``, updated by every call (structfx.lowering.mutations).
     ``.save(dir)`` writes the artifact ``structfx.runtime.load`` runs.
 
     Raises StructfxError naming the stage (export, import, legalize, schedule, build), the op and the

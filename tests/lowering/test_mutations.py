@@ -82,6 +82,16 @@ def _bool_mask(x, mask):
     return x.masked_fill(mask, 0.0)
 
 
+def _out_argument(x, y):
+    torch.mul(x, 3, out=y)
+    return x - y
+
+
+def _masked_fill_(x):
+    x.masked_fill_(x < 0, 0.5)
+    return x.sum(1)
+
+
 def _second_and_third_of_three(x, y, z):
     y.sub_(x)
     z.clamp_(min=0)
@@ -102,6 +112,8 @@ CASES = {
     "int64 input": (_int_counts, [torch.float32, torch.int64]),
     "bool input": (_bool_mask, [torch.float32, torch.bool]),
     "two of three": (_second_and_third_of_three, [torch.float32] * 3),
+    "out=": (_out_argument, [torch.float32, torch.float32]),
+    "masked_fill_": (_masked_fill_, [torch.float32]),
 }
 
 
