@@ -140,7 +140,7 @@ def tune(
 def inspect(directory: Annotated[Path, typer.Argument(help="an artifact directory")]) -> None:
     """Show an artifact's manifest: versions, target, signature, kernels, files and sizes."""
     from structfx.runtime.artifact import read_verified_manifest
-    from structfx.runtime.signature import TensorSpec
+    from structfx.runtime.signature import Mutations, TensorSpec
 
     manifest = read_verified_manifest(directory)
     target = manifest["target"]
@@ -150,6 +150,11 @@ def inspect(directory: Annotated[Path, typer.Argument(help="an artifact director
     for kind in ("inputs", "outputs"):
         for spec in manifest[kind]:
             typer.echo(f"{kind[:-1]}: {TensorSpec.from_dict(spec).describe()}")
+    mutations = Mutations.from_dict(manifest["mutations"])
+    for index, _ in mutations.inputs:
+        typer.echo(f"writes: input {manifest['inputs'][index]['name']} in place (its new value after each call)")
+    for name, _ in mutations.state:
+        typer.echo(f"state: {name} (updated by every call, from its value when saved)")
     typer.echo(f"kernels: {', '.join(manifest['kernels']) or '(TVM defaults only)'}")
     for name in manifest["files"]:
         typer.echo(f"file: {name} {Path(directory, name).stat().st_size:,} bytes (sha256 ok)")

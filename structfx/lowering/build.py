@@ -26,6 +26,7 @@ from structfx.lowering.export import (
 )
 from structfx.lowering.fusion import unbroadcast_matmul_weights
 from structfx.lowering.graph_fixes import prepare_for_import
+from structfx.lowering.mutations import expose_mutations, initial_state, unregistered_write
 from structfx.lowering.nan_propagation import propagate_nan
 from structfx.lowering.ops.common import is_ours
 from structfx.lowering.packing import lift_weight_packing
@@ -62,6 +63,8 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
 
     Returns a ``CompiledModel``: call it with torch tensors of the exported shapes and dtypes (any
     batch size where the batch is symbolic); it returns torch tensors in the model's output structure.
+    In-place updates are eager's: an input ``forward`` writes holds its new value after each call, and the
+    buffers it updates are the CompiledModel's own ``state``, updated by every call (structfx.lowering.mutations).
     ``.save(dir)`` writes the artifact ``structfx.runtime.load`` runs.
 
     Raises StructfxError naming the stage (export, import, legalize, schedule, build), the op and the
@@ -77,9 +80,10 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
         TuningDatabase(database, tvm_target, create=False)  # a wrong database fails before the long steps
     with restored_state(model) as updated:
         program = export_for_compile(model, args)
-    warn_state_updates(model, updated)
     require_tensor_outputs(program, model)
-    mod, params = lower_to_relax(program, tvm_target)
+    inputs, outputs = input_specs(program), output_specs(program)
+    mod, params, mutations = lower_program(program, tvm_target)
+    warn_state_updates(model, [name for name in updated if name not in dict(mutations.state)])
     mod = schedule_module(legalize_module(mod, tvm_target), tvm_target, database)
     kernels = sorted(gv.name_hint for gv, _ in mod.functions_items() if is_ours(gv.name_hint))
     try:
@@ -91,23 +95,36 @@ def compile(model: nn.Module, example_inputs: Tensor | tuple, target=None, datab
             f"the model, and meanwhile compile the modules around the part that kernel comes from"
         ) from e
     return CompiledModel(
-        executable, params, input_specs(program), output_specs(program), program.call_spec.out_spec, tvm_target,
-        kernels,
+        executable, params, inputs, outputs, program.call_spec.out_spec, tvm_target, kernels,
+        mutations, initial_state(model, mutations),
     )
 
 
 def lower_to_relax(program, target):
-    """The Relax module of an exported program, parameters detached: (module, [weights in order]). On
+    """The Relax module of an exported program, parameters detached: (module, [weights in order]); see
+    ``lower_program``."""
+    mod, params, _ = lower_program(program, target)
+    return mod, params
+
+
+def lower_program(program, target):
+    """(Relax module, [weights in order], Mutations) of an exported program, parameters detached. On
     the CPU, dense layers' weights come back packed for the GEMM kernel (structfx.lowering.packing), and
-    convolutions' with their batch norms folded in and packed (structfx.lowering.conv_packing)."""
+    convolutions' with their batch norms folded in and packed (structfx.lowering.conv_packing). What the
+    forward updates in place comes out of ``main`` before its own outputs, and the buffers and parameters
+    it updates go in after the user inputs (structfx.lowering.mutations)."""
     try:
         with torch.no_grad():
             program = prepare_for_import(program)
+            mutations = expose_mutations(program)
             clip_pool_windows(program.graph_module)
             rescale_divisor_overrides(program.graph_module)
             mod = from_exported_program(program, keep_params_as_input=True,
                                         custom_convert_map=converter_map(target), run_ep_decomposition=False)
     except FAILURES as e:
+        unregistered = unregistered_write(e)
+        if unregistered is not None:
+            raise unregistered from e
         raise StructfxError(
             f"[import] TVM cannot import {_failing_node(e, program)}: {_gist(e)}; {UNSUPPORTED_HINT}"
         ) from e
@@ -116,7 +133,7 @@ def lower_to_relax(program, target):
     if target.kind.name == "llvm":
         mod, params = lift_conv_weights(mod, params, target)
         mod, params = lift_weight_packing(unbroadcast_matmul_weights(mod), params, target)
-    return mod, params
+    return mod, params, mutations
 
 
 def _sizes_from_one(mod):

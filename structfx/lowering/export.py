@@ -27,7 +27,7 @@ from torch.export import Dim
 
 from structfx.errors import StructfxError
 from structfx.lowering.state import warn_training_mode
-from structfx.passes.recording import evaluation_mode
+from structfx.passes.recording import evaluation_mode, preserved_state, snapshot
 from structfx.runtime.signature import TensorSpec
 
 #: Config fields that give a transformers model's longest sequence, in the order they are looked up.
@@ -133,9 +133,9 @@ def check_example_inputs(model: nn.Module, args: tuple, names: list[str]) -> Non
             f"inputs positionally; wrap it in a module whose forward(self, {', '.join(required)}) calls "
             f"model({', '.join(f'{n}={n}' for n in required)})"
         )
-    with evaluation_mode(model), torch.no_grad(), _quiet_torch_logs():
+    with evaluation_mode(model), preserved_state(model), torch.no_grad(), _quiet_torch_logs():
         try:
-            model(*args)
+            model(*snapshot(args))  # a forward that writes its inputs or buffers leaves the caller's as they were
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
             raise StructfxError(_eager_failure(model, args, names, e)) from e
 
@@ -190,8 +190,10 @@ def _offset_positions(model: nn.Module, longest: int | None) -> int | None:
 
 def _exportable_example(args: tuple, requested: list[DynamicDim]) -> tuple:
     """``args`` with every requested dim of size 0 or 1 grown to 2 (by repeating): torch.export
-    specialises sizes 0 and 1."""
-    grown = list(args)
+    specialises sizes 0 and 1; and an input sharing memory with an earlier one (``(x, x)``) copied: torch.export
+    cannot functionalise writes to aliased inputs, and the compiled function takes its inputs as distinct."""
+    storages = [a.untyped_storage().data_ptr() if a.numel() else None for a in args]
+    grown = [a.clone() if s is not None and s in storages[:i] else a for i, (a, s) in enumerate(zip(args, storages))]
     for d in requested:
         size = grown[d.input].shape[d.dim]
         if size == 1:
@@ -352,8 +354,11 @@ def require_tensor_outputs(program: torch.export.ExportedProgram, model: nn.Modu
 
 
 def output_specs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
+    """The specs of forward's own outputs (not the updates of a functionalised program)."""
     outputs = next(n for n in program.graph.nodes if n.op == "output").args[0]
-    return [_spec(f"output{i}", node.meta["val"], _dim_names(program)) for i, node in enumerate(outputs)]
+    kinds = [s.kind for s in program.graph_signature.output_specs]
+    own = [node for node, kind in zip(outputs, kinds) if kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    return [_spec(f"output{i}", node.meta["val"], _dim_names(program)) for i, node in enumerate(own)]
 
 
 def _dim_names(program: torch.export.ExportedProgram) -> dict:

@@ -26,7 +26,10 @@ def save_artifact(compiled, directory: str | Path, overwrite: bool = False) -> P
     try:
         compiled.executable.export_library(str(staging / KERNELS))
         names = [f"p{i}" for i in range(len(compiled.params))]
-        save_file({name: p.numpy() for name, p in zip(names, compiled.params)}, str(staging / WEIGHTS))
+        state = [f"s{i}" for i in range(len(compiled.state))]
+        weights = {name: p.numpy() for name, p in zip(names, compiled.params)}
+        weights.update({key: value.cpu().numpy() for key, value in zip(state, compiled.state.values())})
+        save_file(weights, str(staging / WEIGHTS))
         write_manifest(staging, {
             "structfx_version": _structfx_version(),
             "tvm_version": tvm.__version__,
@@ -34,6 +37,8 @@ def save_artifact(compiled, directory: str | Path, overwrite: bool = False) -> P
             "inputs": [s.to_dict() for s in compiled.inputs],
             "outputs": [s.to_dict() for s in compiled.outputs],
             "params": names,
+            "state": state,
+            "mutations": compiled.mutations.to_dict(),
             "kernels": compiled.kernels,
         })
         if target.exists():

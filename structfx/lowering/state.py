@@ -1,9 +1,10 @@
 """The user's model is left as compile found it, and compile says what it does not carry over.
 
 Exporting runs forward (the eager check of the example inputs, and tracing), and a forward may update a
-buffer (``self.n += 1``, running statistics): every parameter and buffer is restored afterwards, and the
-ones forward changed are named in a warning, since the compiled model does not carry such updates. The
-model is exported in eval mode; modules in training mode that behave differently are named in a warning."""
+buffer (``self.n += 1``, running statistics): every parameter and buffer is restored afterwards. The
+updates torch.export records are carried by the compiled model as its own state
+(structfx.lowering.mutations); any other change is named in a warning. The model is exported in eval
+mode; modules in training mode that behave differently are named in a warning."""
 
 from __future__ import annotations
 
@@ -38,11 +39,13 @@ def _named_tensors(model: nn.Module):
 
 
 def warn_state_updates(model: nn.Module, names: list[str]) -> None:
-    """Warn that ``model``'s forward updates the parameters/buffers ``names`` and the compiled model does not."""
+    """Warn that compiling ``model`` changed the parameters/buffers ``names`` where the exported program does
+    not update them: the compiled model does not carry those changes."""
     if names:
         warnings.warn(
-            f"{type(model).__name__}.forward updates {', '.join(names)}: the compiled model computes every call "
-            f"from their values at compile time and does not update them (the model itself is left unchanged)",
+            f"{type(model).__name__}.forward updates {', '.join(names)} where torch.export does not see it: the "
+            f"compiled model computes every call from their values at compile time and does not update them "
+            f"(the model itself is left unchanged)",
             stacklevel=3,
         )
 

@@ -2,7 +2,9 @@
 
 A Conv1d's (N, C, L) output has channels at dim 1, a Linear's (N, T, C) output at the last dim, and a
 conv output permuted to (N, H, W, C) at the last dim again. Elementwise ops, norms and other ReLUs pass
-the axis through; a permute or transpose moves it. Where no producer says, ``default_channel_axis`` holds.
+the axis through; a permute or transpose moves it (in each spelling: ``x.t()``, ``x.T``, ``x.mT``,
+``transpose``/``swapaxes``/``swapdims``, as methods or functions). Where no producer says,
+``default_channel_axis`` holds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ _ELEMENTWISE_FUNCTIONS = {
 _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "relu", "relu_", "clone", "contiguous", "float", "to", "type_as", "tanh", "sigmoid",
 }
+#: Functions swapping two dims given as their 2nd and 3rd arguments.
+_SWAPS = {torch.transpose, torch.swapaxes, torch.swapdims}
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Dropout, nn.Identity, nn.Tanh, nn.Sigmoid)
 
 
@@ -67,6 +71,14 @@ def channel_axis(gm: fx.GraphModule, node: fx.Node, ndim: int, depth: int = 32) 
             return _first_known(gm, node, ndim, depth)
         if node.target is torch.permute:
             return _permuted(gm, first, node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"), ndim, depth)
+        if node.target in _SWAPS and len(node.args) == 3:
+            return _transposed(gm, first, node.args[1], node.args[2], ndim, depth)
+        if node.target is torch.t and ndim == 2:
+            return _transposed(gm, first, 0, 1, ndim, depth)
+        if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT") and ndim >= 2:
+            if node.args[1] == "mT" or ndim == 2:
+                return _transposed(gm, first, -2, -1, ndim, depth)
+            return _permuted(gm, first, list(reversed(range(ndim))), ndim, depth)  # x.T reverses every dim
         return None
     if node.op == "call_method":
         if node.target in _ELEMENTWISE_METHODS:
@@ -74,8 +86,10 @@ def channel_axis(gm: fx.GraphModule, node: fx.Node, ndim: int, depth: int = 32) 
         if node.target == "permute" and len(node.args) > 1:
             dims = node.args[1:] if len(node.args) > 2 or isinstance(node.args[1], int) else node.args[1]
             return _permuted(gm, first, dims, ndim, depth)
-        if node.target == "transpose" and len(node.args) == 3:
+        if node.target in ("transpose", "swapaxes", "swapdims") and len(node.args) == 3:
             return _transposed(gm, first, node.args[1], node.args[2], ndim, depth)
+        if node.target == "t" and ndim == 2:
+            return _transposed(gm, first, 0, 1, ndim, depth)
     return None
 
 

@@ -52,13 +52,13 @@ def evaluation_mode(model: nn.Module):
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module):
-    """Every parameter and buffer of ``model`` as it was on entry, whatever its forward writes to them
-    (in place, or by assigning a new tensor to the attribute). An entry taken out of its module meanwhile
-    stays out: the tensor keeps its value wherever it went."""
+    """Every parameter, buffer and plain tensor attribute of ``model`` as it was on entry, whatever its
+    forward writes to them (in place, or by assigning a new tensor to the attribute). An entry taken out of
+    its module meanwhile stays out: the tensor keeps its value wherever it went."""
     saved = [
         (table, name, tensor, tensor.detach().clone())
         for module in model.modules()
-        for table in (module._parameters, module._buffers)
+        for table in (module._parameters, module._buffers, vars(module))
         for name, tensor in table.items()
         if isinstance(tensor, Tensor)
     ]

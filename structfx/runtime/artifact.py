@@ -2,7 +2,8 @@
 
     kernels.so            the compiled Relax VM executable (native code: loading it runs it)
     weights.safetensors   the parameters, in the order and layout the executable takes them (format 3: dense
-                          layers' weights packed into GEMM panels at compile time, structfx.lowering.packing)
+                          layers' weights packed into GEMM panels at compile time, structfx.lowering.packing),
+                          and the values, as of saving, of the buffers the forward updates (format 4)
     manifest.json         format version, versions, target, signature, sha256 of every other file
     manifest.sha256       sha256 of manifest.json
 
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from structfx.errors import StructfxError
 
-FORMAT_VERSION = 3  # 2: no row padding; symbolic dims named in the signature; 3: dense weights stored packed
+#: 2: no row padding; symbolic dims named in the signature; 3: dense weights stored packed; 4: in-place updates
+#: (the manifest's "mutations", the updated buffers' values in the weights as "state")
+FORMAT_VERSION = 4
 MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
 KERNELS, WEIGHTS = "kernels.so", "weights.safetensors"
 

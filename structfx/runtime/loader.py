@@ -11,19 +11,32 @@ import numpy as np
 from structfx.errors import StructfxError, require_path
 from structfx.runtime.artifact import KERNELS, WEIGHTS, read_verified_manifest
 from structfx.runtime.host import X86_FEATURES, cpu_flags, use_every_core
-from structfx.runtime.signature import TensorSpec, check_inputs, check_values, type_name
+from structfx.runtime.signature import (
+    Mutations,
+    TensorSpec,
+    check_inputs,
+    check_values,
+    check_written_alone,
+    type_name,
+)
 
 
 class Runtime:
     """A loaded artifact: call it with numpy arrays (or torch tensors, through DLPack); numpy comes back
     (torch tensors for torch inputs). Several outputs come back as a tuple, in the model's output order.
-    Calls from several threads are safe and run one at a time."""
+    Calls from several threads are safe and run one at a time.
 
-    def __init__(self, manifest: dict, vm, params: list, device) -> None:
+    In-place updates are carried as in the CompiledModel that was saved: an input the forward writes holds
+    its new value after the call (it must be writeable, and not share memory with another input), and the
+    buffers it updates are this runtime's own, starting from their values when the artifact was saved."""
+
+    def __init__(self, manifest: dict, vm, params: list, device, state: list) -> None:
         self.manifest, self._vm, self._params, self._device = manifest, vm, params, device
         self._lock = threading.Lock()  # a VM runs one call at a time: calls from several threads queue
         self.inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
+        self.mutations = Mutations.from_dict(manifest["mutations"])
+        self._state = list(state)  # TVM tensors on the device, in the order of mutations.state
 
     def __call__(self, *args):
         import tvm
@@ -34,17 +47,39 @@ class Runtime:
             type_name(arg) if a is None else (tuple(a.shape), str(a.dtype)) for arg, a in zip(args, arrays)
         ], "a numpy array or a CPU torch tensor")
         check_values(self.inputs, arrays)
+        if self.mutations.inputs:
+            self._check_writable(arrays)
         values = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in arrays]
         use_every_core()  # on the calling thread: TVM's thread pool is per thread
         with self._lock:
-            result = self._vm["main"](*values, *self._params)
-        leaves = [result] if hasattr(result, "numpy") else list(result)
-        outputs = [leaf.numpy() for leaf in leaves]
+            result = self._vm["main"](*values, *self._state, *self._params)
+            leaves = [result] if hasattr(result, "numpy") else list(result)
+            for slot, (_, position) in enumerate(self.mutations.state):
+                self._state[slot] = leaves[position]
+        for index, position in self.mutations.inputs:
+            np.copyto(arrays[index], leaves[position].numpy())
+        outputs = [leaf.numpy() for leaf in self.mutations.user_outputs(leaves)]
         if torch_in:
             import torch
 
             outputs = [torch.from_numpy(o) for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _check_writable(self, arrays: list) -> None:
+        """Refuse, before any kernel runs, an input the forward writes that cannot take its new value."""
+        for index, _ in self.mutations.inputs:
+            if not arrays[index].flags.writeable:
+                name = self.inputs[index].name
+                raise StructfxError(
+                    f"{name} is read-only, and the model's forward writes it in place: pass a writeable array "
+                    f"(e.g. {name}.copy()) to receive its new value"
+                )
+        check_written_alone(self.inputs, self.mutations, arrays, np.shares_memory)
+
+    @property
+    def state(self) -> dict:
+        """The buffers and parameters the forward updates: name -> numpy array of its current value."""
+        return {name: value.numpy() for (name, _), value in zip(self.mutations.state, self._state)}
 
 
 def load(directory: str | Path, device: str = "cpu") -> Runtime:
@@ -76,8 +111,9 @@ def load(directory: str | Path, device: str = "cpu") -> Runtime:
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
     weights = load_file(str(root / WEIGHTS))
     params = [tvm.runtime.tensor(weights[name], dev) for name in manifest["params"]]
+    state = [tvm.runtime.tensor(weights[name], dev) for name in manifest["state"]]
     vm = VirtualMachine(tvm.runtime.load_module(str(root / KERNELS)), dev)
-    return Runtime(manifest, vm, params, dev)
+    return Runtime(manifest, vm, params, dev, state)
 
 
 def _check_runnable(target: dict, device: str) -> None:

@@ -101,3 +101,47 @@ def type_name(value: object) -> str:
     """``value``'s type as an error message names it: ``list``, ``numpy.ndarray``."""
     kind = type(value)
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+@dataclass(frozen=True)
+class Mutations:
+    """What a compiled forward updates in place, as extra outputs of the compiled function (torch.export's
+    functionalised form: the new value of everything the forward wrote).
+
+    ``inputs``: (user input index, output position) for each input the forward writes (``x.add_(1)``,
+    ``x[0] = v``, an in-place op on a view of ``x``): the caller writes that output into the input after the
+    call. ``state``: (buffer or parameter name, output position) for each one the forward updates; the
+    compiled function takes their current values as inputs right after the user inputs, in this order, and
+    the caller keeps the new values for the next call. The other outputs are the forward's own, in order."""
+
+    inputs: tuple[tuple[int, int], ...] = ()
+    state: tuple[tuple[str, int], ...] = ()
+
+    def user_outputs(self, leaves: list) -> list:
+        """``leaves`` (everything the compiled function returned) without the updates."""
+        updates = {position for _, position in (*self.inputs, *self.state)}
+        return [leaf for position, leaf in enumerate(leaves) if position not in updates]
+
+    def to_dict(self) -> dict:
+        return {"inputs": [list(pair) for pair in self.inputs], "state": [list(pair) for pair in self.state]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Mutations:
+        return cls(tuple((int(i), int(p)) for i, p in data["inputs"]),
+                   tuple((str(n), int(p)) for n, p in data["state"]))
+
+
+def check_written_alone(specs: list[TensorSpec], mutations: Mutations, inputs: list, shares) -> None:
+    """Raises StructfxError where an input the compiled forward writes shares memory with another input:
+    eager PyTorch lets the other see the write (``model(x, x)``, overlapping views of one tensor), the
+    compiled function computes every output from the values on entry. ``shares(a, b)``: whether two of
+    ``inputs`` have an element in common (views of one tensor that do not overlap are taken)."""
+    for index, _ in mutations.inputs:
+        for other, value in enumerate(inputs):
+            if other != index and shares(inputs[index], value):
+                raise StructfxError(
+                    f"{specs[index].name} and {specs[other].name} share memory, and the model's forward writes "
+                    f"{specs[index].name} in place: eager PyTorch would let {specs[other].name} see that write, "
+                    f"the compiled model computes from the values on entry; pass separate tensors (e.g. "
+                    f"{specs[other].name}.clone())"
+                )
