@@ -31,6 +31,8 @@ import torch
 from structfx.errors import StructfxError
 from structfx.lowering.compat import relax, tvm
 from structfx.lowering.ordering import CONVERTERS as ORDERING_CONVERTERS
+from structfx.lowering.shape_ops import CONVERTERS as SHAPE_CONVERTERS
+from structfx.lowering.shape_ops import with_torch_shape
 
 INT64_MAX = 2**63 - 1
 
@@ -183,14 +185,39 @@ def _taken(importer, x, index, axis: int, negative: bool = True) -> relax.Var:
 
 def convert_index(node: torch.fx.Node, importer) -> relax.Var:
     """``x[idx]`` with one index tensor (``aten.index.Tensor`` with one non-None index) through
-    ``_taken``; several index tensors keep TVM's converter."""
+    ``_taken``; several integer index tensors through ``_advanced_index``; a bool mask keeps TVM's
+    converter, its result given torch's shape where TVM leaves it unknown (``shape_ops.with_torch_shape``)."""
     given = [(axis, index) for axis, index in enumerate(node.args[1]) if index is not None]
-    if len(given) != 1:
-        return importer._index_tensor(node)
+    if any(str(importer.env[index].ty.dtype) == "bool" for _, index in given):
+        return with_torch_shape(node, importer, importer._index_tensor(node))
+    if len(given) > 1:
+        return _advanced_index(importer, importer.env[node.args[0]], [(a, importer.env[i]) for a, i in given])
     axis, index = given[0]
-    if str(importer.env[index].ty.dtype) == "bool":
-        return importer._index_tensor(node)
     return _taken(importer, importer.env[node.args[0]], importer.env[index], axis)
+
+
+def _advanced_index(importer, x: relax.Var, given: list) -> relax.Var:
+    """``x[..., i, j, ...]`` with integer index tensors ``(axis, index)`` at several axes, as torch
+    indexes: the indices broadcast together to a shape S; the result has S in place of the indexed axes
+    where they are adjacent, else first, before the axes not indexed (NumPy's advanced indexing).
+    ``relax.op.index_tensor`` indexes leading axes only, so x is permuted to put the indexed axes first
+    and the result permuted back. TVM's converter broadcast the aranges it puts in place of the
+    ``None`` entries against each other (wrong shapes as soon as two axes are not indexed: ConvBERT's
+    ``x[:, :, i, j]``)."""
+    emit = importer.block_builder.emit
+    rank = len(x.ty.shape.values)
+    axes = [axis for axis, _ in given]
+    rest = [axis for axis in range(rank) if axis not in axes]
+    if axes + rest != list(range(rank)):
+        x = emit(relax.op.permute_dims(x, axes + rest))
+    taken = emit(relax.op.index_tensor(x, [index for _, index in given]))
+    adjacent = axes == list(range(axes[0], axes[-1] + 1))
+    if not adjacent or axes[0] == 0:
+        return taken
+    width = len(taken.ty.shape.values) - len(rest)  # rank of the broadcast index shape
+    before = list(range(width, width + axes[0]))
+    order = before + list(range(width)) + list(range(width + axes[0], len(taken.ty.shape.values)))
+    return emit(relax.op.permute_dims(taken, order))
 
 
 def convert_index_select(node: torch.fx.Node, importer) -> relax.Var:
@@ -252,4 +279,5 @@ CONVERTERS = {
     "amax.default": extremum(relax.op.max),
     "amin.default": extremum(relax.op.min),
     **ORDERING_CONVERTERS,
+    **SHAPE_CONVERTERS,
 }

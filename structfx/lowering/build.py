@@ -125,9 +125,7 @@ def lower_program(program, target):
         unregistered = unregistered_write(e)
         if unregistered is not None:
             raise unregistered from e
-        raise StructfxError(
-            f"[import] TVM cannot import {_failing_node(e, program)}: {_gist(e)}; {UNSUPPORTED_HINT}"
-        ) from e
+        raise StructfxError(_import_failure(e, program)) from e
     mod, params = detach_params(mod)
     mod, params = _sizes_from_one(mod), list(params.get("main", []))
     if target.kind.name == "llvm":
@@ -187,24 +185,54 @@ def _gist(error: Exception) -> str:
     return gist
 
 
-def _failing_node(error: Exception, program) -> str:
-    """The fx node being converted when ``error`` was raised (the innermost frame with a ``node``), or
-    the first node of an op TVM lists as unsupported."""
+def _import_failure(error: Exception, program) -> str:
+    """The [import] message: an op TVM has no converter for gets the rewrite hint; a converter that failed
+    (the op is supported, a shape or dtype of this call is not) is named with its operands' and result's
+    shapes as torch proved them, and gets no hint to rewrite a supported op."""
+    node = _converting_node(error)
+    if node is None:
+        return f"[import] TVM cannot import {_describe(_unsupported_node(error, program))}: {_gist(error)}; " + (
+            UNSUPPORTED_HINT)
+    shapes = ", ".join(f"{a.name}: {_torch_shape(a)}" for a in node.all_input_nodes)
+    return (
+        f"[import] TVM's converter of aten.{_key(node.target)} failed on {_describe(node)} (operands {shapes}; "
+        f"torch's result {_torch_shape(node)}): {_gist(error)}; the op is supported, this call's shapes are not: "
+        f"report it with the model, and meanwhile compile the modules around that part of forward"
+    )
+
+
+def _torch_shape(node: torch.fx.Node) -> str:
+    value = node.meta.get("val")
+    if isinstance(value, Tensor):
+        return f"({', '.join(str(s) for s in value.shape)})"
+    return str(value)
+
+
+def _converting_node(error: Exception) -> torch.fx.Node | None:
+    """The fx node a converter was converting when ``error`` was raised (the innermost frame with a
+    ``node``), None where no converter ran (an op without one)."""
     tb, found = error.__traceback__, None
     while tb is not None:
         node = tb.tb_frame.f_locals.get("node")
         if isinstance(node, torch.fx.Node):
             found = node
         tb = tb.tb_next
-    if found is None:
-        unsupported = set(re.findall(r"'([\w.]+)'", str(error)))
-        calls = [n for n in program.graph.nodes if n.op == "call_function"]
-        found = next((n for n in calls if _key(n.target) in unsupported), None)
-    if found is None:
+    return found
+
+
+def _unsupported_node(error: Exception, program) -> torch.fx.Node | None:
+    """The first node of an op TVM lists as unsupported."""
+    unsupported = set(re.findall(r"'([\w.]+)'", str(error)))
+    calls = [n for n in program.graph.nodes if n.op == "call_function"]
+    return next((n for n in calls if _key(n.target) in unsupported), None)
+
+
+def _describe(node: torch.fx.Node | None) -> str:
+    if node is None:
         return "the exported program"
-    stack = found.meta.get("stack_trace", "").strip().splitlines()
+    stack = node.meta.get("stack_trace", "").strip().splitlines()
     where = f" (from {stack[-2].strip()})" if len(stack) >= 2 else ""
-    return f"fx node {found.format_node()}{where}"
+    return f"fx node {node.format_node()}{where}"
 
 
 def _key(target) -> str:

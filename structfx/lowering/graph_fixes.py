@@ -7,7 +7,8 @@
   Relax has no strides and no aliasing after functionalisation, so both mean the same thing to TVM.
 - Inputs whose size torch.export specialised (``Dim.AUTO`` that came out static) keep a SymInt whose
   expression is a constant; TVM turns it into a shape *variable* named "64", and every shape computed
-  from it is unknown. Their metadata is made static.
+  from it is unknown. Those sizes of their metadata are made ints, also beside a symbolic size (token
+  ids of a symbolic batch and a sequence fixed at 8: Funnel).
 - ``aten.cat`` drops the legacy empty 1-D tensors torch skips (transformers' DynamicCache starts each
   layer's keys and values as ``torch.tensor([])`` and concatenates onto it); TVM's concat refuses tensors
   of another rank ("Concat expects all input tensors to have same ndim").
@@ -28,6 +29,9 @@
   source: TVM's legalization of it needs constant bounds, and the batch is symbolic. Any other
   ``slice_scatter`` of step 1 along a symbolic dimension (``h[:2] = 0``) becomes the concatenation of the
   slices before and after the written part around it.
+- ``None`` bounds of ``aten.slice.Tensor``/``aten.slice_scatter`` (``x[..., :8] = y`` leaves
+  ``slice_scatter(x, y, 3, None, 8)``) become 0 and the end of the dimension: TVM's converter of
+  ``slice_scatter`` cannot convert ``None`` ("Cannot convert None ... to `Expr`").
 - ``aten.cumsum``/``aten.cumprod`` of a bool or integer tensor compute in int64 as torch does (their input
   is cast first): TVM keeps the input's dtype and its build rejects a bool scan
   (``Check failed: (t.MatchesCode(DLDataTypeCode::kDLFloat))``, the causal masks of GPT-2, Llama...).
@@ -61,6 +65,7 @@ def prepare_for_import(program: torch.export.ExportedProgram) -> torch.export.Ex
     normalize_dims(program.graph_module)
     normalize_indices(program.graph_module)
     normalize_index_tensors(program.graph_module)
+    explicit_slice_bounds(program.graph_module)
     whole_slice_scatters(program.graph_module)
     slice_scatters_as_concat(program.graph_module)
     scans_in_result_dtype(program.graph_module)
@@ -80,15 +85,16 @@ def views_as_reshapes(gm: torch.fx.GraphModule) -> int:
 
 
 def static_placeholders(gm: torch.fx.GraphModule) -> int:
-    """Give every placeholder whose SymInt sizes are constants plain int sizes, in place; returns how many."""
+    """Give every placeholder's SymInt sizes that are constants plain int sizes, in place (its symbolic
+    sizes stay); returns how many placeholders changed."""
     changed = 0
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             continue
-        sizes = [_constant(d) for d in value.shape]
-        if all(isinstance(d, int) for d in value.shape) or any(size is None for size in sizes):
+        if not any(isinstance(d, torch.SymInt) and _constant(d) is not None for d in value.shape):
             continue
+        sizes = [d if _constant(d) is None else _constant(d) for d in value.shape]
         with value.fake_mode if hasattr(value, "fake_mode") else contextlib.nullcontext():
             node.meta["val"] = torch.empty(sizes, dtype=value.dtype, device=value.device)
         if "tensor_meta" in node.meta:
@@ -261,6 +267,30 @@ def _bound_arguments(node: torch.fx.Node) -> dict:
     """The call's arguments by their schema names (positional and keyword alike)."""
     names = [a.name for a in node.target._schema.arguments]
     return dict(zip(names, node.args)) | dict(node.kwargs)
+
+
+def explicit_slice_bounds(gm: torch.fx.GraphModule) -> int:
+    """Give every ``aten.slice.Tensor``/``aten.slice_scatter`` a start of 0 for ``None`` and an end of
+    ``sys.maxsize`` (torch's "to the end") for ``None``, in place; returns how many nodes changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (aten.slice.Tensor, aten.slice_scatter.default):
+            continue
+        names = [a.name for a in node.target._schema.arguments]
+        args, kwargs = list(node.args), dict(node.kwargs)
+        for name, default in (("start", 0), ("end", sys.maxsize)):
+            i = names.index(name)
+            if i < len(args) and args[i] is None:
+                args[i] = default
+            elif name in kwargs and kwargs[name] is None:
+                kwargs[name] = default
+            else:
+                continue
+            changed += 1
+        node.args, node.kwargs = tuple(args), kwargs
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def whole_slice_scatters(gm: torch.fx.GraphModule) -> int:
