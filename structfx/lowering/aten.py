@@ -25,10 +25,13 @@
 
 from __future__ import annotations
 
+import operator
+
 import sympy
 import torch
 
 from structfx.errors import StructfxError
+from structfx.lowering import division
 from structfx.lowering.compat import relax, tvm
 from structfx.lowering.ordering import CONVERTERS as ORDERING_CONVERTERS
 from structfx.lowering.shape_ops import CONVERTERS as SHAPE_CONVERTERS
@@ -245,6 +248,38 @@ def convert_div_mode(node: torch.fx.Node, importer) -> relax.Var:
     return emit(relax.op.trunc(quotient)) if mode == "trunc" else quotient
 
 
+def _tvm_binary(op, python_op):
+    """TVM's converter of a binary op (``importer._binary_op``)."""
+    return lambda node, importer: importer._binary_op(op, python_op)(node)
+
+
+def convert_div_mode_exact(node: torch.fx.Node, importer) -> relax.Var:
+    """``div(a, b, rounding_mode=...)``: a float floor division as torch's (``structfx.lowering.division``), the
+    others through ``convert_div_mode``."""
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+    if mode == "floor":
+        return FLOOR_DIVIDE(node, importer)
+    return convert_div_mode(node, importer)
+
+
+def convert_not_equal(node: torch.fx.Node, importer) -> relax.Var:
+    """``a != b``, true where a float operand is NaN as torch's: TVM's ``not_equal`` lowers to LLVM's ordered
+    compare (false there), and its simplifier turns ``not (a == b)`` back into it."""
+    emit = importer.block_builder.emit
+    unequal = importer._binary_op(relax.op.not_equal, operator.ne)(node)
+    for operand in node.args[:2]:
+        if isinstance(operand, torch.fx.Node) and operand.meta["val"].dtype.is_floating_point:
+            value = importer.env[operand]
+            if str(value.ty.dtype) == "bfloat16":  # TVM has no bfloat16 isnan; the widening is exact
+                value = emit(relax.op.astype(value, "float32"))
+            unequal = emit(relax.op.logical_or(unequal, emit(relax.op.isnan(value))))
+    return unequal
+
+
+FLOOR_DIVIDE = division.converter(division.floor_divide, "floor_divide", convert_div_mode)
+REMAINDER = division.converter(division.remainder, "remainder", _tvm_binary(relax.op.floor_mod, operator.mod))
+
+
 def float32_only(name: str):
     """TVM's converter of ``name`` where the node computes in float32, a StructfxError otherwise."""
 
@@ -274,8 +309,14 @@ CONVERTERS = {
     "embedding.default": convert_embedding,
     "index.Tensor": convert_index,
     "index_select.default": convert_index_select,
-    "div.Tensor_mode": convert_div_mode,
-    "div.Scalar_mode": convert_div_mode,
+    "div.Tensor_mode": convert_div_mode_exact,
+    "div.Scalar_mode": convert_div_mode_exact,
+    "floor_divide.default": division.converter(division.floor_divide, "floor_divide",
+                                               _tvm_binary(relax.op.floor_divide, operator.floordiv)),
+    "remainder.Tensor": REMAINDER,
+    "remainder.Scalar": REMAINDER,
+    "ne.Tensor": convert_not_equal,
+    "ne.Scalar": convert_not_equal,
     "amax.default": extremum(relax.op.max),
     "amin.default": extremum(relax.op.min),
     **ORDERING_CONVERTERS,

@@ -1,5 +1,5 @@
-"""torch's order of floats for ``argmax``/``argmin``, ``max.dim``/``min.dim``, ``sort``, ``argsort``, ``topk`` and
-``median.dim``.
+"""torch's order of floats for ``argmax``/``argmin``, ``max.dim``/``min.dim``, ``sort``, ``argsort``, ``topk``,
+``median.dim``, ``nanmedian.dim``, ``kthvalue``, ``cummax`` and ``cummin``.
 
 torch orders NaN above every number (``sort`` puts NaN last ascending and first descending, ``topk`` returns
 NaN first among the largest) and its ``argmax``, ``argmin`` and ``median`` return the index of a row's first
@@ -145,6 +145,85 @@ def convert_median(node: torch.fx.Node, importer) -> relax.Var:
     return emit(relax.Tuple([values, indices]))
 
 
+def _kept(emit, values, indices, dim: int, keepdim: bool):
+    if not keepdim:
+        values, indices = emit(relax.op.squeeze(values, [dim])), emit(relax.op.squeeze(indices, [dim]))
+    return emit(relax.Tuple([values, indices]))
+
+
+def convert_kthvalue(node: torch.fx.Node, importer) -> relax.Var:
+    """``kthvalue(x, k, dim=-1, keepdim=False)``: (values, indices), the k-th smallest of each row in torch's
+    order (NaN above every number) and its index: position k - 1 of the keys' stable argsort. torch's
+    quickselect returns any one of tied elements (of ``-0.0`` and ``0.0``, of NaNs); this returns one of them
+    too, the first."""
+    x, emit = importer.env[node.args[0]], importer.block_builder.emit
+    k, dim, keepdim = node.args[1], _arg(node, 2, "dim", -1) % len(x.ty.shape), _arg(node, 3, "keepdim", False)
+    order = emit(relax.op.argsort(_key(importer, x), dim, False, dtype="int64"))
+    indices = emit(relax.op.strided_slice(order, [dim], [k - 1], [k]))
+    return _kept(emit, emit(relax.op.gather_elements(x, indices, axis=dim)), indices, dim, keepdim)
+
+
+def convert_nanmedian(node: torch.fx.Node, importer) -> relax.Var:
+    """``nanmedian.dim(x, dim, keepdim=False)``: (values, indices), the lower median of each row's numbers
+    (position ``(count - 1) // 2`` of the keys' stable argsort, NaN sorting last) and its index; a row of only
+    NaN gives NaN (torch's index there, and among ties, is whichever its quickselect met; this gives the first
+    in sorted order)."""
+    x, emit = importer.env[node.args[0]], importer.block_builder.emit
+    dim, keepdim = node.args[1] % len(x.ty.shape), _arg(node, 2, "keepdim", False)
+    key = _key(importer, x)
+    order = emit(relax.op.argsort(key, dim, False, dtype="int64"))
+    if key is x:
+        count = relax.const(int(x.ty.shape[dim]), "int64")
+    else:
+        numbers = emit(relax.op.not_equal(key, relax.const(_nan_key(str(x.ty.dtype)), str(key.ty.dtype))))
+        count = emit(relax.op.sum(emit(relax.op.astype(numbers, "int64")), [dim], keepdims=True))
+    middle = emit(relax.op.floor_divide(emit(relax.op.subtract(count, relax.const(1, "int64"))),
+                                        relax.const(2, "int64")))
+    middle = emit(relax.op.maximum(middle, relax.const(0, "int64")))
+    if key is x:
+        middle = emit(relax.op.broadcast_to(emit(relax.op.reshape(middle, [1] * len(x.ty.shape))),
+                                            [1 if axis == dim else n for axis, n in enumerate(x.ty.shape)]))
+    indices = emit(relax.op.gather_elements(order, middle, axis=dim))
+    return _kept(emit, emit(relax.op.gather_elements(x, indices, axis=dim)), indices, dim, keepdim)
+
+
+def cumulative_extremum(largest: bool):
+    """Converter of ``cummax(x, dim)`` (``largest``) or ``cummin``: (values, indices) as torch's CPU kernel
+    computes them: along the dim, an element at least as large (small) as the running extremum, or a NaN,
+    replaces it unless it is a NaN already; so each index is the last one up to it whose key is the running
+    extremum of the keys (NaN the largest key for cummax, the smallest for cummin), and the values are ``x``
+    there. O(n^2) in the dim's size n: a running extremum and a last index, each a reduction over the prefix."""
+
+    def convert(node: torch.fx.Node, importer) -> relax.Var:
+        x, emit = importer.env[node.args[0]], importer.block_builder.emit
+        dim = node.args[1] % len(x.ty.shape)
+        key = _key(importer, x, nan_largest=largest)
+        indices = importer.block_builder.emit_te(_last_running_extremum, key, dim, largest,
+                                                 primfunc_name_hint="cummax" if largest else "cummin")
+        return emit(relax.Tuple([emit(relax.op.gather_elements(x, indices, axis=dim)), indices]))
+
+    return convert
+
+
+def _last_running_extremum(key: te.Tensor, dim: int, largest: bool) -> te.Tensor:
+    """int64 tensor of ``key``'s shape: at each position along ``dim``, the last index up to it whose key is
+    the largest (``largest``) or smallest key up to it."""
+    extent, dtype = key.shape[dim], str(key.dtype)
+    bound = tirx.min_value(dtype) if largest else tirx.max_value(dtype)
+    reduce = te.max if largest else te.min
+
+    def at(index, position):
+        return key(*index[:dim], position, *index[dim + 1:])
+
+    prefix = te.reduce_axis((0, extent), name="prefix")
+    running = te.compute(key.shape, lambda *i: reduce(tirx.Select(prefix.var <= i[dim], at(i, prefix.var), bound),
+                                                      axis=prefix), name="running_extremum")
+    last = te.reduce_axis((0, extent), name="last")
+    return te.compute(key.shape, lambda *i: te.max(
+        tirx.Select(tirx.And(last.var <= i[dim], at(i, last.var) == running(*i)), last.var.astype("int64"),
+                    tirx.const(-1, "int64")), axis=last), name="last_index")
+
+
 def _nan_key(dtype: str) -> int:
     """NaN's key in ``order_key`` (``nan_largest``) for a float ``dtype``."""
     return (1 << (int(BITS[dtype][0].removeprefix("int")) - 1)) - 1
@@ -152,6 +231,10 @@ def _nan_key(dtype: str) -> int:
 
 CONVERTERS = {
     "median.dim": convert_median,
+    "nanmedian.dim": convert_nanmedian,
+    "kthvalue.default": convert_kthvalue,
+    "cummax.default": cumulative_extremum(largest=True),
+    "cummin.default": cumulative_extremum(largest=False),
     "argmax.default": arg_extremum(largest=True),
     "argmin.default": arg_extremum(largest=False),
     "max.dim": extremum_with_index(largest=True),
