@@ -34,6 +34,7 @@ from structfx.errors import StructfxError
 from structfx.lowering import division
 from structfx.lowering.compat import relax, tvm
 from structfx.lowering.ordering import CONVERTERS as ORDERING_CONVERTERS
+from structfx.lowering.unary import CONVERTERS as UNARY_CONVERTERS
 
 INT64_MAX = 2**63 - 1
 
@@ -249,7 +250,32 @@ def convert_not_equal(node: torch.fx.Node, importer) -> relax.Var:
     return unequal
 
 
+def classification(op):
+    """Converter of ``isnan``/``isinf``/``isfinite`` by the Relax ``op``, a bfloat16 input widened to float32 first
+    (exact; TVM has none of them for bfloat16: "Data type T.bfloat16 not supported for isnan op")."""
+
+    def convert(node: torch.fx.Node, importer) -> relax.Var:
+        x, emit = importer.env[node.args[0]], importer.block_builder.emit
+        if str(x.ty.dtype) == "bfloat16":
+            x = emit(relax.op.astype(x, "float32"))
+        return emit(op(x))
+
+    return convert
+
+
+def convert_cumsum(node: torch.fx.Node, importer) -> relax.Var:
+    """``cumsum`` as TVM's, with a zero sum made ``0.0``: torch's sums start from ``0.0`` (``0.0 + -0.0`` is
+    ``0.0``, so none of its sums is ``-0.0``); TVM's start from the first element (``cumsum([-0.0])`` was -0.0)."""
+    total = importer._cumsum(node)
+    dtype = str(total.ty.dtype)
+    if "float" not in dtype:
+        return total
+    emit, zero = importer.block_builder.emit, relax.const(0.0, dtype)
+    return emit(relax.op.where(emit(relax.op.equal(total, zero)), zero, total))
+
+
 FLOOR_DIVIDE = division.converter(division.floor_divide, "floor_divide", convert_div_mode)
+FMOD = division.converter(division.fmod, "fmod", lambda node, importer: importer._fmod(node))
 REMAINDER = division.converter(division.remainder, "remainder", _tvm_binary(relax.op.floor_mod, operator.mod))
 
 
@@ -286,11 +312,17 @@ CONVERTERS = {
     "div.Scalar_mode": convert_div_mode_exact,
     "floor_divide.default": division.converter(division.floor_divide, "floor_divide",
                                                _tvm_binary(relax.op.floor_divide, operator.floordiv)),
+    "fmod.Tensor": FMOD,
+    "fmod.Scalar": FMOD,
     "remainder.Tensor": REMAINDER,
     "remainder.Scalar": REMAINDER,
+    "isnan.default": classification(relax.op.isnan),
+    "isinf.default": classification(relax.op.isinf),
+    "cumsum.default": convert_cumsum,
     "ne.Tensor": convert_not_equal,
     "ne.Scalar": convert_not_equal,
     "amax.default": extremum(relax.op.max),
     "amin.default": extremum(relax.op.min),
     **ORDERING_CONVERTERS,
+    **UNARY_CONVERTERS,
 }
