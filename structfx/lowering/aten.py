@@ -13,14 +13,20 @@
   once, as torch's CPU kernels do. TVM's convolutions and ``baddbmm`` also compute in float32 only:
   in another dtype they are refused with a StructfxError naming the op and the fix.
 - ``div(x, 2, rounding_mode=...)``: TVM's converter divides by an int32 constant, refused for a float
-  ``x``; ours makes the scalar the result's dtype (``convert_div_mode``).
+  ``x``; ours makes the scalar the result's dtype (``convert_div_mode``). Float floor division, ``remainder``
+  and ``fmod`` are ATen's formulas (``structfx.lowering.division``: ``inf // 1.5`` was inf, torch NaN).
+- ``a != b`` is true where a float operand is NaN (``convert_not_equal``); ``isnan``/``isinf`` of bfloat16
+  widen it first (TVM has neither); ``cumsum`` makes a zero sum ``0.0``, as torch's sums start from it.
+- ``log1p``, ``expm1``, ``atanh`` and the ELU family are ``structfx.lowering.unary``'s (libm and ATen's
+  formula: TVM's lost -0.0 and subnormals, and its ``selu`` its scale in float64 and bfloat16).
 - ``aten.embedding``: TVM's take reads outside the table for an id outside it; ours clamps
   (``convert_embedding``). So do tensor indexing with one index tensor (``x[idx]``, ``x[:, idx]``:
   ``aten.index.Tensor``) and ``index_select``, after wrapping negative indices as torch does
   (``convert_index``): TVM's ``fast`` take read past the tensor (garbage, or a segfault).
 - Max and min over dims (``aten.amax``, ``amin``: TVM has no converter): a ``max``/``min`` reduction
   (NaN-propagating, as torch's, through ``structfx.lowering.nan_propagation``). ``max.dim``, ``min.dim``,
-  ``argmax``, ``argmin``, ``sort``, ``argsort`` and ``topk`` are ``structfx.lowering.ordering``'s.
+  ``argmax``, ``argmin``, ``sort``, ``argsort``, ``topk``, ``median``, ``nanmedian``, ``kthvalue``, ``cummax``
+  and ``cummin`` are ``structfx.lowering.ordering``'s.
 """
 
 from __future__ import annotations
