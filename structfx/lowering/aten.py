@@ -13,14 +13,20 @@
   once, as torch's CPU kernels do. TVM's convolutions and ``baddbmm`` also compute in float32 only:
   in another dtype they are refused with a StructfxError naming the op and the fix.
 - ``div(x, 2, rounding_mode=...)``: TVM's converter divides by an int32 constant, refused for a float
-  ``x``; ours makes the scalar the result's dtype (``convert_div_mode``).
+  ``x``; ours makes the scalar the result's dtype (``convert_div_mode``). Float floor division, ``remainder``
+  and ``fmod`` are ATen's formulas (``structfx.lowering.division``: ``inf // 1.5`` was inf, torch NaN).
+- ``a != b`` is true where a float operand is NaN (``convert_not_equal``); ``isnan``/``isinf`` of bfloat16
+  widen it first (TVM has neither); ``cumsum`` makes a zero sum ``0.0``, as torch's sums start from it.
+- ``log1p``, ``expm1``, ``atanh`` and the ELU family are ``structfx.lowering.unary``'s (libm and ATen's
+  formula: TVM's lost -0.0 and subnormals, and its ``selu`` its scale in float64 and bfloat16).
 - ``aten.embedding``: TVM's take reads outside the table for an id outside it; ours clamps
   (``convert_embedding``). So do tensor indexing with one index tensor (``x[idx]``, ``x[:, idx]``:
   ``aten.index.Tensor``) and ``index_select``, after wrapping negative indices as torch does
   (``convert_index``): TVM's ``fast`` take read past the tensor (garbage, or a segfault).
 - Max and min over dims (``aten.amax``, ``amin``: TVM has no converter): a ``max``/``min`` reduction
   (NaN-propagating, as torch's, through ``structfx.lowering.nan_propagation``). ``max.dim``, ``min.dim``,
-  ``argmax``, ``argmin``, ``sort``, ``argsort`` and ``topk`` are ``structfx.lowering.ordering``'s.
+  ``argmax``, ``argmin``, ``sort``, ``argsort``, ``topk``, ``median``, ``nanmedian``, ``kthvalue``, ``cummax``
+  and ``cummin`` are ``structfx.lowering.ordering``'s.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from structfx.lowering.compat import relax, tvm
 from structfx.lowering.ordering import CONVERTERS as ORDERING_CONVERTERS
 from structfx.lowering.shape_ops import CONVERTERS as SHAPE_CONVERTERS
 from structfx.lowering.shape_ops import with_torch_shape
+from structfx.lowering.unary import CONVERTERS as UNARY_CONVERTERS
 
 INT64_MAX = 2**63 - 1
 
@@ -276,7 +283,32 @@ def convert_not_equal(node: torch.fx.Node, importer) -> relax.Var:
     return unequal
 
 
+def classification(op):
+    """Converter of ``isnan``/``isinf``/``isfinite`` by the Relax ``op``, a bfloat16 input widened to float32 first
+    (exact; TVM has none of them for bfloat16: "Data type T.bfloat16 not supported for isnan op")."""
+
+    def convert(node: torch.fx.Node, importer) -> relax.Var:
+        x, emit = importer.env[node.args[0]], importer.block_builder.emit
+        if str(x.ty.dtype) == "bfloat16":
+            x = emit(relax.op.astype(x, "float32"))
+        return emit(op(x))
+
+    return convert
+
+
+def convert_cumsum(node: torch.fx.Node, importer) -> relax.Var:
+    """``cumsum`` as TVM's, with a zero sum made ``0.0``: torch's sums start from ``0.0`` (``0.0 + -0.0`` is
+    ``0.0``, so none of its sums is ``-0.0``); TVM's start from the first element (``cumsum([-0.0])`` was -0.0)."""
+    total = importer._cumsum(node)
+    dtype = str(total.ty.dtype)
+    if "float" not in dtype:
+        return total
+    emit, zero = importer.block_builder.emit, relax.const(0.0, dtype)
+    return emit(relax.op.where(emit(relax.op.equal(total, zero)), zero, total))
+
+
 FLOOR_DIVIDE = division.converter(division.floor_divide, "floor_divide", convert_div_mode)
+FMOD = division.converter(division.fmod, "fmod", lambda node, importer: importer._fmod(node))
 REMAINDER = division.converter(division.remainder, "remainder", _tvm_binary(relax.op.floor_mod, operator.mod))
 
 
@@ -313,12 +345,18 @@ CONVERTERS = {
     "div.Scalar_mode": convert_div_mode_exact,
     "floor_divide.default": division.converter(division.floor_divide, "floor_divide",
                                                _tvm_binary(relax.op.floor_divide, operator.floordiv)),
+    "fmod.Tensor": FMOD,
+    "fmod.Scalar": FMOD,
     "remainder.Tensor": REMAINDER,
     "remainder.Scalar": REMAINDER,
+    "isnan.default": classification(relax.op.isnan),
+    "isinf.default": classification(relax.op.isinf),
+    "cumsum.default": convert_cumsum,
     "ne.Tensor": convert_not_equal,
     "ne.Scalar": convert_not_equal,
     "amax.default": extremum(relax.op.max),
     "amin.default": extremum(relax.op.min),
     **ORDERING_CONVERTERS,
     **SHAPE_CONVERTERS,
+    **UNARY_CONVERTERS,
 }

@@ -11,7 +11,9 @@ of ``BinaryOpsKernel.cpp``), from ``fmod`` (exact):
 - ``a // b``: ``a / b`` where ``b == 0``; else ``div = (a - fmod(a, b)) / b``, less 1 where the nonzero
   remainder's sign differs from ``b``'s; then ``floor(div)``, plus 1 where ``div - floor(div) > 0.5``; a zero
   ``div`` gives zero with the sign of ``a / b``;
-- ``remainder(a, b)``: ``fmod(a, b)``, plus ``b`` where it is nonzero and its sign differs from ``b``'s.
+- ``remainder(a, b)``: ``fmod(a, b)``, plus ``b`` where it is nonzero and its sign differs from ``b``'s;
+- ``fmod`` itself goes through the same path, so that bfloat16 is computed in float32 (TVM's bfloat16 fmod
+  failed to build: "dtype mismatch on BufferStore").
 
 float16 and bfloat16 are computed in float32 and rounded once, as torch's kernels do. Integer operands keep
 TVM's converters (floor division and floor modulo, which are torch's for a nonzero divisor).
@@ -29,8 +31,11 @@ from structfx.lowering.compat import relax, te, tirx
 COMPUTE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
 
 
-def _fmod(a, b):
-    """C's ``fmod`` (exact; TVM's ``truncmod`` of floats is LLVM's ``frem``, which is it)."""
+def fmod(a, b):
+    """C's ``fmod`` of two float scalar expressions (exact; TVM's ``truncmod`` of floats is LLVM's ``frem``,
+    which is it). A constant zero ``b`` gives NaN, as ``fmod``."""
+    if _is_zero(b):
+        return tirx.const(math.nan, str(a.ty))
     return tirx.truncmod(a, b)
 
 
@@ -54,7 +59,7 @@ def floor_divide(a, b):
         return a * tirx.const(math.copysign(math.inf, b.value), dtype)
     zero, one, half = (tirx.const(v, dtype) for v in (0.0, 1.0, 0.5))
     quotient = a / b
-    mod = _fmod(a, b)
+    mod = fmod(a, b)
     div = (a - mod) / b
     div = tirx.Select(_signs_differ(mod, b), div - one, div)
     floored = tirx.floor(div)
@@ -68,7 +73,7 @@ def remainder(a, b):
     (NaN for a constant zero ``b``, as ``fmod``)."""
     if _is_zero(b):
         return tirx.const(math.nan, str(a.ty))
-    mod = _fmod(a, b)
+    mod = fmod(a, b)
     return tirx.Select(_signs_differ(mod, b), mod + b, mod)
 
 

@@ -12,7 +12,10 @@ GELU over inputs of standard deviation 4, against float64 references. Inside sof
 A bare ``exp`` keeps TVM's own (libm) legalization: ``fast_exp`` saturates at exp(+-88.38), which gave
 inf between 88.38 and float32's true overflow at 88.72 and flushed results below 1e-38 to zero.
 
-Other dtypes keep TVM's own legalization.
+bfloat16 erf, tanh and GELU are computed so too, widened to float32 and rounded once, as torch's CPU kernels
+compute them (TVM's own bfloat16 tanh gave 0.0 for -0.0). In float64, ``tanh`` and GELU's tanh form call the C
+library's tanh (TVM's LLVM lowering of float64 tanh lost -0.0 and subnormals, and was 1e14 ulps off in GELU at
+x = -7). Other dtypes keep TVM's own legalization.
 
 ``x ** c`` for a constant ``c`` in {2, 3, -1, -2} (GELU's tanh form cubes its input, RMS norm squares it)
 runs as torch runs it (ATen's ``pow_tensor_scalar_optimized_kernel``): products and a division, in any
@@ -74,14 +77,55 @@ FAST = {
 }
 
 
+def _libm_tanh(x):
+    """The C library's ``tanh`` of a float64 expression (TVM's LLVM lowering writes it as a quotient of
+    exponentials: ``tanh(-0.0)`` was 0.0, subnormals 0, and GELU's tanh form 1e14 ulps off at -7)."""
+    return tirx.call_pure_extern("float64", "tanh", x)
+
+
+def _tanh64(x: te.Tensor) -> te.Tensor:
+    return te.compute(x.shape, lambda *i: _libm_tanh(x(*i)), name="T_tanh")
+
+
+def _gelu_tanh64(x: te.Tensor) -> te.Tensor:
+    """ATen's float64 GELU, tanh form: ``0.5 x (1 + tanh(beta (x + kappa x^3)))``, with the C library's tanh."""
+    beta = tirx.const(math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5, "float64")
+    kappa = tirx.const(0.044715, "float64")
+    one, half = tirx.const(1.0, "float64"), tirx.const(0.5, "float64")
+
+    def element(*i):
+        inner = beta * (x(*i) + kappa * (x(*i) * x(*i) * x(*i)))
+        return half * x(*i) * (one + _libm_tanh(inner))
+
+    return te.compute(x.shape, element, name="T_gelu_tanh")
+
+
+#: The ops of FAST a bfloat16 call of which is computed in float32 (those on ``fast_exp``, whose exponent-bit
+#: arithmetic came out wrong next to bfloat16 casts, keep TVM's legalization).
+WIDENED = ("relax.erf", "relax.tanh", "relax.nn.gelu", "relax.nn.gelu_tanh")
+
+#: Relax op -> float64 TE function where TVM's own legalization is inexact.
+FLOAT64 = {"relax.tanh": _tanh64, "relax.nn.gelu_tanh": _gelu_tanh64}
+
+
 def _legalization(name: str):
     compute, hint = FAST[name]
     default = tvm.ir.Op.get(name).get_attr("FLegalize")
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        if call.ty.dtype != "float32":
+        dtype = call.ty.dtype
+        if dtype == "float64" and name in FLOAT64:
+            return bb.call_te(FLOAT64[name], call.args[0], primfunc_name_hint=hint)
+        if dtype != "float32" and (dtype != "bfloat16" or name not in WIDENED):
             return default(bb, call)
-        return bb.call_te(lambda x: compute(x, call.attrs), call.args[0], primfunc_name_hint=hint)
+
+        x = call.args[0]
+        if dtype == "bfloat16":  # widened and the result rounded once, as torch's CPU kernels
+            x = bb.emit_te(topi.cast, x, "float32", primfunc_name_hint="widen")
+        result = bb.call_te(lambda x: compute(x, call.attrs), x, primfunc_name_hint=hint)
+        if dtype == "bfloat16":
+            result = bb.call_te(topi.cast, bb.emit(result), dtype, primfunc_name_hint="narrow")
+        return result
 
     return legalize
 
