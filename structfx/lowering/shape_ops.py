@@ -94,7 +94,7 @@ def torch_shape(node: torch.fx.Node, importer) -> list[tirx.PrimExpr] | None:
     if not isinstance(value, torch.Tensor):
         return None
     names = size_vars(node, importer)
-    sizes = [tir_size(sympy.sympify(_sympy(s)), names) for s in value.shape]
+    sizes = [tir_size(_sympy(s), names) for s in value.shape]
     return None if any(s is None for s in sizes) else sizes
 
 
