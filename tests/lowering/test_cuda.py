@@ -80,3 +80,10 @@ def test_cuda_numerics(case):
     with torch.no_grad():
         want = module(x)
     assert float((compiled(x) - want).norm() / want.norm()) < 1e-4
+
+
+def test_channel_maxplus_is_one_kernel_on_the_map_for_cuda():
+    layer = sfx.nn.ChannelMaxPlus(16, 16, k=2, init="paper").eval()
+    compiled = sfx.compile(layer, torch.randn(2, 16, 7, 9), target=TARGET)
+    assert list(compiled.kernels) == ["structfx_channel_maxplus"]
+    assert "structfx_channel_maxplus_kernel" in compiled.device_source()
