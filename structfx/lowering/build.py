@@ -127,7 +127,10 @@ def lower_program(program, target):
             raise unregistered from e
         raise StructfxError(_import_failure(e, program)) from e
     mod, params = detach_params(mod)
-    mod, params = _sizes_from_one(mod), list(params.get("main", []))
+    # the importer hands torch's parameters over by DLPack, sharing their memory: copied, the compiled
+    # model (and what it saves) keeps the weights it was compiled with when the model is trained on
+    params = [tvm.runtime.tensor(p.numpy()) for p in params.get("main", [])]
+    mod = _sizes_from_one(mod)
     if target.kind.name == "llvm":
         mod, params = lift_conv_weights(mod, params, target)
         mod, params = lift_weight_packing(unbroadcast_matmul_weights(mod), params, target)

@@ -160,3 +160,19 @@ def test_an_input_that_is_not_an_array_names_what_to_pass(digits_artifact):
 def test_load_refuses_a_path_of_the_wrong_kind():
     with pytest.raises(sfx.StructfxError, match="load's directory must be a directory path .* got int"):
         load(5)
+
+
+def test_weights_changed_after_compile_change_neither_the_compiled_model_nor_its_artifact(tmp_path):
+    # the compiled model keeps the weights it was compiled with; save wrote the live LayerNorm weight
+    # beside the compile-time packed Linear weight: an artifact matching neither model
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)).eval()
+    x = torch.randn(4, 16)
+    compiled = sfx.compile(model, x)
+    with torch.no_grad():
+        want = model(x)
+        for p in model.parameters():
+            p.mul_(3.0).add_(0.5)
+    compiled.save(tmp_path / "m.sfx")
+    torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(load(tmp_path / "m.sfx")(x.numpy()), compiled(x).numpy())
