@@ -42,6 +42,7 @@ from structfx.lowering.compat import relax, tvm
 from structfx.lowering.ordering import CONVERTERS as ORDERING_CONVERTERS
 from structfx.lowering.shape_ops import CONVERTERS as SHAPE_CONVERTERS
 from structfx.lowering.shape_ops import with_torch_shape
+from structfx.lowering.symbolic_scalars import CONVERTERS as SYMBOLIC_SCALAR_CONVERTERS
 from structfx.lowering.unary import CONVERTERS as UNARY_CONVERTERS
 
 INT64_MAX = 2**63 - 1
@@ -359,4 +360,5 @@ CONVERTERS = {
     **ORDERING_CONVERTERS,
     **SHAPE_CONVERTERS,
     **UNARY_CONVERTERS,
+    **SYMBOLIC_SCALAR_CONVERTERS,
 }
