@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 
 import torch
 
@@ -59,7 +60,10 @@ def prepare_for_import(program: torch.export.ExportedProgram) -> torch.export.Ex
     reshapes and every dimension argument non-negative. Call ``from_exported_program`` on the result
     with ``run_ep_decomposition=False``."""
     views_as_reshapes(program.graph_module)
-    program = program.run_decompositions()
+    with warnings.catch_warnings():  # torch's own deprecated pytree call inside, printed on every compile
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        program = program.run_decompositions()
     static_placeholders(program.graph_module)
     concat_without_empty(program.graph_module)
     normalize_dims(program.graph_module)
