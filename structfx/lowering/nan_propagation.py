@@ -29,6 +29,9 @@ import tvm_ffi
 
 from structfx.lowering.compat import Target, TensorLoad, tirx, tvm
 
+#: PrimFunc attribute of a kernel whose float maxes and mins already give torch's NaN (left as it is).
+NAN_EXACT = "structfx.nan_exact"
+
 
 def propagate_nan(mod, target: Target):
     """``mod`` with every float max and min of its PrimFuncs returning NaN when an operand is NaN, as
@@ -37,7 +40,7 @@ def propagate_nan(mod, target: Target):
     rewrite = functools.partial(_propagating, select_gives_b=target.kind.name == "llvm")
     changed = {}
     for gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc):
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs and func.attrs.get(NAN_EXACT)):
             mapped = tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), rewrite)], order="post")
             if not mapped.same_as(func):
                 changed[gv] = mapped

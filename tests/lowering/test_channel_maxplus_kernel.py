@@ -13,7 +13,7 @@ from torch import nn
 
 import structfx as sfx
 from structfx.lowering.compat import Target, te, tirx, tvm
-from structfx.lowering.nan_propagation import propagate_nan
+from structfx.lowering.nan_propagation import NAN_EXACT, propagate_nan
 from structfx.lowering.ops.channel_maxplus import (
     KERNEL,
     ChannelMaxPlusCPU,
@@ -133,7 +133,7 @@ def _cpu_schedule(*spatial):
     idx = te.placeholder([int64(24), int64(2)], name="idx", dtype="int64")
     w = te.placeholder([int64(24), int64(2)], name="w")
     bias = te.placeholder([int64(24)], name="bias")
-    func = te.create_prim_func([x, idx, w, bias, channel_maxplus_te(x, idx, w, bias)])
+    func = te.create_prim_func([x, idx, w, bias, channel_maxplus_te(x, idx, w, bias)]).with_attr(NAN_EXACT, True)
     sch = ChannelMaxPlusCPU().apply(func, AVX2, False)
     assert sch is not None
     return sch
@@ -162,8 +162,21 @@ def test_cpu_loop_nest_of_a_symbolic_spatial_size_is_scalar():
 
 
 def test_cpu_runs_compile_to_vector_loads():
-    """The candidates' maxes are selects, not TVM max with nan_propagation's Let-bound operands (those made
-    TVM's vectorizer scalarize the run): the compiled kernel loads x a vector at a time."""
+    """The kernel is marked NaN-exact, so nan_propagation leaves its maxes without Let-bound operands (those
+    made TVM's vectorizer scalarize the run): the compiled kernel loads x a vector at a time."""
     sch = _cpu_schedule(8, 8)
     llvm = tvm.compile(propagate_nan(sch.mod, AVX2), target=AVX2).mod.inspect_source("ll")
     assert re.search(r"load <8 x float>", llvm)
+
+
+@pytest.mark.parametrize("k", [2, 8, 16])
+def test_the_kernel_reads_each_candidate_twice_whatever_k(k):
+    """Its expression grows linearly with k: each candidate read by the maxes and by the NaN check. A select
+    per max (each operand in the NaN check, the compare and the value) grew as 5 ** log2(k): k = 8 took a
+    minute to compile."""
+    x = te.placeholder([tirx.Var("n", "int64"), 32, 7, 7], name="x")
+    idx = te.placeholder([24, k], name="idx", dtype="int64")
+    w, bias = te.placeholder([24, k], name="w"), te.placeholder([24], name="bias")
+    func = te.create_prim_func([x, idx, w, bias, channel_maxplus_te(x, idx, w, bias)])
+    store = next(line for line in func.script().splitlines() if " = T.Select(" in line)
+    assert len(re.findall(r"\bx\[", store)) == 2 * k  # the loads of x

@@ -14,6 +14,7 @@ import functools
 import operator
 
 from structfx.lowering.compat import Schedule, Target, relax, te, tirx, tvm
+from structfx.lowering.nan_propagation import NAN_EXACT
 from structfx.lowering.ops.common import (
     OpScheduleRule,
     clamp,
@@ -32,29 +33,39 @@ RUN = 64
 
 def channel_maxplus_te(x: te.Tensor, idx: te.Tensor, w: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
     """x (N, n_in, *spatial) -> (N, n_out, *spatial), one spatial block: the k candidates of an output
-    (k is static, idx's shape) are a balanced tree of maxes, the bias one more operand, so nothing goes
-    through a scratch buffer and a -inf candidate stays -inf (no reduction identity)."""
+    (k is static, idx's shape) and the bias are a balanced tree of maxes, NaN when any of them is (torch's
+    ``maximum``), so nothing goes through a scratch buffer and a -inf candidate stays -inf (no reduction
+    identity). Each candidate appears twice, in the maxes and in the NaN check: the expression grows
+    linearly with k (a select per max, each operand read by its NaN check, its compare and its value,
+    grew as 5 ** log2(k): k = 8 took a minute to compile)."""
     n_in = x.shape[1]
     n_out, k = (int(d) for d in idx.shape)
 
     def output(a, j, *s):
         values = [x[(a, clamp(idx[j, t], n_in), *s)] + w[j, t] for t in range(k)]
         if bias is not None:
-            values.append(bias[j])
+            values.append(bias(j))
+        nan = functools.reduce(tirx.Or, [_isnan(v) for v in values])
         while len(values) > 1:
-            values = [maximum(*values[i:i + 2]) if i + 1 < len(values) else values[i]
+            values = [tirx.max(*values[i:i + 2]) if i + 1 < len(values) else values[i]
                       for i in range(0, len(values), 2)]
-        return values[0]
+        return tirx.Select(nan, tirx.const(float("nan"), x.dtype), values[0])
 
     return te.compute((x.shape[0], n_out, *x.shape[2:]), output, name=KERNEL)
 
 
-def maximum(a, b):
-    """IEEE 754-2019 ``maximum`` as torch's (NaN when either operand is), as one select. Not TVM's max
-    rewritten by ``structfx.lowering.nan_propagation``: that binds a computed operand to a ``Let``, and
-    TVM's loop vectorizer then scalarizes the whole run (every load and max one lane at a time)."""
-    checked = a.astype("float32") if str(a.ty) == "bfloat16" else a  # TVM has no bfloat16 isnan
-    return tirx.Select(tirx.Or(tirx.isnan(checked), a > b), a, b)
+def _isnan(value):
+    return tirx.isnan(value.astype("float32") if str(value.ty) == "bfloat16" else value)  # no bfloat16 isnan
+
+
+def _emit(importer, *args):
+    """The kernel's call, its PrimFunc marked NaN-exact (``nan_propagation`` leaves it alone: its maxes
+    are already guarded, and the pass's ``Let`` bindings would keep TVM's vectorizer off the run)."""
+    builder = importer.block_builder
+    call = builder.call_te(channel_maxplus_te, *args, primfunc_name_hint=KERNEL)
+    gv = call.args[0]
+    builder.update_func(gv, builder.get()[gv].with_attr(NAN_EXACT, True))
+    return builder.emit(call)
 
 
 def convert_channel_maxplus(importer, x, idx, w, bias, dim: int):
@@ -62,13 +73,13 @@ def convert_channel_maxplus(importer, x, idx, w, bias, dim: int):
     viewed as (outer, n_in, inner) and the result viewed back (reshapes of a contiguous tensor: no copies
     once ``RewriteDataflowReshape`` has run)."""
     if dim == 1:
-        return importer.block_builder.emit_te(channel_maxplus_te, x, idx, w, bias, primfunc_name_hint=KERNEL)
+        return _emit(importer, x, idx, w, bias)
     shape = list(importer.shape_of(x))
     simplify = tvm.sym.Analyzer().simplify
     outer = simplify(functools.reduce(operator.mul, shape[:dim], 1))
     inner = simplify(functools.reduce(operator.mul, shape[dim + 1:], 1))
     x3 = plain_leading(importer, importer.block_builder.emit(relax.op.reshape(x, [outer, shape[dim], inner])))
-    y = importer.block_builder.emit_te(channel_maxplus_te, x3, idx, w, bias, primfunc_name_hint=KERNEL)
+    y = _emit(importer, x3, idx, w, bias)
     n_out = importer.shape_of(idx)[0]
     return importer.block_builder.emit(relax.op.reshape(y, [*shape[:dim], n_out, *shape[dim + 1:]]))
 
