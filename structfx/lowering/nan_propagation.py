@@ -68,16 +68,16 @@ def _propagating(node, select_gives_b: bool):
     a, b = _once(a, bound) if check_a else a, _once(b, bound) if check_b else b
     plain = type(node)(a, b)
     if check_a and check_b:
-        result = tirx.Select(tirx.Or(_isnan(a), _isnan(b)), a + b, plain)
+        result = tirx.Select(tirx.Or(isnan(a), isnan(b)), a + b, plain)
     else:
         kept = a if check_a else b
-        result = tirx.Select(_isnan(kept), kept, plain)
+        result = tirx.Select(isnan(kept), kept, plain)
     for var, value in reversed(bound):
         result = tirx.Let(var, value, result)
     return result
 
 
-def _isnan(value):
+def isnan(value):
     """``isnan(value)``; a bfloat16 one widened to float32 first (exact), as TVM has no bfloat16 isnan."""
     return tirx.isnan(value.astype("float32") if str(value.ty) == "bfloat16" else value)
 

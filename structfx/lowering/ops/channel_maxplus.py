@@ -14,7 +14,7 @@ import functools
 import operator
 
 from structfx.lowering.compat import Schedule, Target, relax, te, tirx, tvm
-from structfx.lowering.nan_propagation import NAN_EXACT
+from structfx.lowering.nan_propagation import NAN_EXACT, isnan
 from structfx.lowering.ops.common import (
     OpScheduleRule,
     clamp,
@@ -45,17 +45,13 @@ def channel_maxplus_te(x: te.Tensor, idx: te.Tensor, w: te.Tensor, bias: te.Tens
         values = [x[(a, clamp(idx[j, t], n_in), *s)] + w[j, t] for t in range(k)]
         if bias is not None:
             values.append(bias(j))
-        nan = functools.reduce(tirx.Or, [_isnan(v) for v in values])
+        nan = functools.reduce(tirx.Or, [isnan(v) for v in values])
         while len(values) > 1:
             values = [tirx.max(*values[i:i + 2]) if i + 1 < len(values) else values[i]
                       for i in range(0, len(values), 2)]
         return tirx.Select(nan, tirx.const(float("nan"), x.dtype), values[0])
 
     return te.compute((x.shape[0], n_out, *x.shape[2:]), output, name=KERNEL)
-
-
-def _isnan(value):
-    return tirx.isnan(value.astype("float32") if str(value.ty) == "bfloat16" else value)  # no bfloat16 isnan
 
 
 def _emit(importer, *args):
