@@ -56,7 +56,9 @@ class CompiledModel:
                     f"{self.target.kind.name}; compile with target='llvm' to run on the CPU"
                 )
             self._vm = relax.VirtualMachine(self.executable, self.device)
-            self._device_params = [tvm.runtime.tensor(p.numpy(), self.device) for p in self.params]
+            # the build's own copies (structfx.lowering.build): on the CPU they are the weights the VM reads
+            self._device_params = self.params if self._shared_device == "cpu" else [
+                tvm.runtime.tensor(p.numpy(), self.device) for p in self.params]
             self._main = self._vm["main"]
         return self._vm, self._device_params
 
